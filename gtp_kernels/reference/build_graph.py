@@ -1,0 +1,130 @@
+"""Reference token graph (SPEC 1): spatial, semantic or mixed, stored sparse (ELL).
+
+The oracle for torch.ops.gtp.build_graph. It builds a dense (B, n, n) adjacency internally
+(readable, obviously correct); only the sparse (B, n, W) graph leaves the function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAPH_TYPES = ("spatial", "semantic", "mixed")
+SPATIAL_WIDTH = 8  # at most 8 grid neighbours
+
+_OP = "gtp.build_graph"
+
+
+def graph_width(graph: str, num_neighbours: int) -> int:
+    """Slots per row W: 8 (spatial), K (semantic), 8 + K (mixed)."""
+    if graph == "spatial":
+        return SPATIAL_WIDTH
+    if graph == "semantic":
+        return num_neighbours
+    return SPATIAL_WIDTH + num_neighbours
+
+
+def check_build_graph_args(
+    tokens: torch.Tensor, height: int, width: int, num_neighbours: int, graph: str
+) -> None:
+    """Same checks, same messages as the C++ kernel (the errors name the argument)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"{_OP}: tokens must have 3 dimensions, got shape {list(tokens.shape)}")
+    if tokens.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(
+            f"{_OP}: tokens must be float32, float16, bfloat16 or float64, got {tokens.dtype}"
+        )
+    n = tokens.shape[1]
+    if graph not in GRAPH_TYPES:
+        raise ValueError(f"{_OP}: graph must be 'spatial', 'semantic' or 'mixed', got {graph!r}")
+    if height < 1 or width < 1 or height * width != n:
+        raise ValueError(
+            f"{_OP}: height * width must equal the number of tokens n = {n} "
+            f"(tokens.shape[1]), got height={height}, width={width}"
+        )
+    if num_neighbours < 0 or num_neighbours > n - 1:
+        raise ValueError(
+            f"{_OP}: num_neighbours must be in [0, n - 1] = [0, {n - 1}], got {num_neighbours}"
+        )
+    if tokens.numel() > 0 and graph != "spatial" and torch.isnan(tokens).any():
+        raise ValueError(f"{_OP}: tokens contains NaN")
+
+
+def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:
+    """(n, n) bool 8-neighbourhood of a row-major height x width grid, no self loops."""
+    t = torch.arange(height * width, device=device)
+    row, col = t // width, t % width
+    near = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
+    return near & (t[:, None] != t[None, :])
+
+
+def semantic_adjacency(tokens: torch.Tensor, num_neighbours: int) -> torch.Tensor:
+    """(B, n, n) bool: row i marks its K most cosine-similar tokens j != i (ties: lower j).
+
+    Float32 math: x / max(||x||, 1e-12), then S = E E^T.
+    """
+    b, n, _ = tokens.shape
+    e = tokens.float()
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = e @ e.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never its own neighbour
+    # A stable descending sort keeps equal similarities in ascending j: lower j wins the tie.
+    order = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :num_neighbours]
+    adj = torch.zeros(b, n, n, dtype=torch.bool, device=tokens.device)
+    adj.scatter_(-1, order, True)
+    return adj
+
+
+def ell_from_adjacency(adj: torch.Tensor, width_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (B, n, n) bool adjacency -> ELL (index (B, n, W) int32, weight (B, n, W) float32).
+
+    Neighbours in ascending j, then -1 / 0 padding. weight = 1 / sqrt(d_i d_j) with d the row
+    sums (out-degrees), computed in float64 and rounded once to float32.
+    """
+    b, n, _ = adj.shape
+    pos = torch.arange(n, device=adj.device)
+    key = torch.where(adj, pos, n)  # non-edges sort after every edge
+    key = key.sort(dim=-1).values[..., :width_slots]
+    if key.shape[-1] < width_slots:  # W > n (e.g. spatial graph of a tiny grid)
+        key = torch.nn.functional.pad(key, (0, width_slots - key.shape[-1]), value=n)
+    valid = key < n
+    index = torch.where(valid, key, -1)
+    deg = adj.sum(dim=-1).to(torch.float64)  # (B, n)
+    deg_j = torch.gather(deg, 1, index.clamp_min(0).reshape(b, -1)).reshape(b, n, width_slots)
+    w = (1.0 / torch.sqrt(deg[:, :, None] * deg_j)).to(torch.float32)
+    weight = torch.where(valid, w, torch.zeros((), dtype=torch.float32, device=adj.device))
+    return index.to(torch.int32), weight
+
+
+def build_graph(
+    tokens: torch.Tensor, height: int, width: int, num_neighbours: int, graph: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token graph of the image tokens (SPEC 1).
+
+    Args:
+        tokens: (B, n, C) float32/float16/bfloat16/float64 image tokens (no prefix tokens) on a
+            height x width grid in row-major order (token t at row t // width, col t % width).
+        height, width: grid size, height * width == n.
+        num_neighbours: K, semantic neighbours per token, 0 <= K <= n - 1.
+        graph: "spatial" (8-neighbourhood), "semantic" (K most cosine-similar tokens, ties to
+            the lower index) or "mixed" (union; an edge in both counts once).
+
+    Returns:
+        index: (B, n, W) int32, row i's neighbours in ascending order then -1 padding;
+            W = 8 (spatial), K (semantic), 8 + K (mixed).
+        weight: (B, n, W) float32, 1 / sqrt(d_i d_j) with d the out-degrees; 0 at padding.
+    """
+    check_build_graph_args(tokens, height, width, num_neighbours, graph)
+    b, n, _ = tokens.shape
+    w_slots = graph_width(graph, num_neighbours)
+    dev = tokens.device
+    if b == 0:
+        return (
+            torch.empty(0, n, w_slots, dtype=torch.int32, device=dev),
+            torch.empty(0, n, w_slots, dtype=torch.float32, device=dev),
+        )
+    adj = torch.zeros(b, n, n, dtype=torch.bool, device=dev)
+    if graph in ("spatial", "mixed"):
+        adj |= spatial_adjacency(height, width, dev)
+    if graph in ("semantic", "mixed"):
+        adj |= semantic_adjacency(tokens, num_neighbours)
+    return ell_from_adjacency(adj, w_slots)

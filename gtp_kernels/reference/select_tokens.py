@@ -1,0 +1,43 @@
+"""Reference token selection (SPEC 3): the P lowest scores are propagated, the rest kept."""
+
+from __future__ import annotations
+
+import torch
+
+_OP = "gtp.select_tokens"
+
+
+def check_select_tokens_args(score: torch.Tensor, num_prop: int) -> None:
+    """Same checks, same messages as the C++ kernel (the errors name the argument)."""
+    if score.dim() != 2:
+        raise ValueError(f"{_OP}: score must have 2 dimensions, got shape {list(score.shape)}")
+    if score.dtype != torch.float32:
+        raise ValueError(f"{_OP}: score must be float32, got {score.dtype}")
+    n = score.shape[1]
+    if num_prop < 0 or num_prop > n - 1:
+        raise ValueError(f"{_OP}: num_prop must be in [0, n - 1] = [0, {n - 1}], got {num_prop}")
+    if score.numel() > 0 and torch.isnan(score).any():
+        raise ValueError(f"{_OP}: score contains NaN")
+
+
+def select_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split image tokens into kept and propagated ones by importance score.
+
+    Args:
+        score: (B, n) float32 importance of each image token (no NaN; +-inf allowed).
+        num_prop: P, tokens to propagate, 0 <= P <= n - 1.
+
+    Returns:
+        keep: (B, n - P) int64, ascending positions of the kept tokens.
+        prop: (B, P) int64, ascending positions of the P lowest-scoring tokens. Among equal
+            scores the lower position is kept, i.e. the order is (score, -position).
+    """
+    check_select_tokens_args(score, num_prop)
+    b, n = score.shape
+    # Stable ascending sort of the reversed row: equal scores come out highest position first,
+    # so the P first entries are the P lowest scores with ties going to the higher position.
+    order = torch.sort(score.flip(-1), dim=-1, stable=True).indices
+    order = (n - 1) - order
+    prop = order[:, :num_prop].sort(dim=-1).values
+    keep = order[:, num_prop:].sort(dim=-1).values
+    return keep.contiguous(), prop.contiguous()

@@ -1,0 +1,100 @@
+"""select_tokens: hand cases with ties, properties, kernel vs reference, opcheck, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gtp_kernels._extension import extension_available, has_kernel
+from gtp_kernels.reference import select_tokens as ref_select_tokens
+
+HAS_CPU_KERNEL = extension_available() and has_kernel("select_tokens", "CPU")
+needs_kernel = pytest.mark.skipif(
+    not HAS_CPU_KERNEL,
+    reason="gtp_kernels._C with the select_tokens CPU kernel is not built "
+    "(python setup.py build_ext --inplace)",
+)
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_kernel)]
+
+
+def run(backend, score, p):
+    if backend == "reference":
+        return ref_select_tokens(score, p)
+    return torch.ops.gtp.select_tokens(score, p)
+
+
+def check(backend, score, p, keep, prop):
+    k, q = run(backend, torch.tensor(score, dtype=torch.float32), p)
+    assert k.dtype == torch.int64 and q.dtype == torch.int64
+    assert k.tolist() == keep, f"keep {k.tolist()} != {keep}"
+    assert q.tolist() == prop, f"prop {q.tolist()} != {prop}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_by_hand(backend):
+    check(backend, [[3.0, 1.0, 2.0, 1.5, 5.0]], 2, [[0, 2, 4]], [[1, 3]])
+    # ties: the lower position is kept, so the higher one is propagated first
+    check(backend, [[1.0, 1.0, 1.0, 1.0]], 1, [[0, 1, 2]], [[3]])
+    check(backend, [[1.0, 1.0, 1.0, 1.0]], 3, [[0]], [[1, 2, 3]])
+    # 0.2 x2 go, then one of the three 0.5s: the highest position (5)
+    check(backend, [[0.5, 0.2, 0.5, 0.2, 0.9, 0.5]], 3, [[0, 2, 4]], [[1, 3, 5]])
+    # -0.0 == 0.0 is a tie; infinities order normally
+    check(backend, [[0.0, -0.0, 1.0]], 1, [[0, 2]], [[1]])
+    check(backend, [[float("inf"), 0.0, float("-inf"), 2.0]], 2, [[0, 3]], [[1, 2]])
+    # rows are independent
+    check(
+        backend,
+        [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 2.0, 0.0]],
+        2,
+        [[0, 1], [1, 2]],
+        [[2, 3], [0, 3]],
+    )
+    check(backend, [[1.0, 2.0, 2.0, 0.0]], 3, [[1]], [[0, 2, 3]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_p_zero_and_p_max(backend):
+    score = torch.randn(3, 7)
+    keep, prop = run(backend, score, 0)
+    assert torch.equal(keep, torch.arange(7).expand(3, 7)) and prop.shape == (3, 0)
+    keep, prop = run(backend, score, 6)
+    assert torch.equal(keep[:, 0], score.argmax(-1)) and prop.shape == (3, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_properties(backend):
+    score = torch.randint(0, 5, (6, 33)).float()  # many ties
+    for p in (0, 1, 8, 16, 32):
+        keep, prop = run(backend, score, p)
+        assert keep.shape == (6, 33 - p) and prop.shape == (6, p)
+        both = torch.cat([keep, prop], 1).sort(-1).values
+        assert torch.equal(both, torch.arange(33).expand(6, 33)), "a partition of 0..n-1"
+        assert (keep.diff(dim=-1) > 0).all() and (prop.diff(dim=-1) > 0).all()
+        if 0 < p:
+            ks = score.gather(1, keep)
+            ps = score.gather(1, prop)
+            assert (ps.amax(-1) <= ks.amin(-1)).all(), "every propagated score <= every kept"
+            # on a tie between a kept and a propagated token the kept one has the lower position
+            for b in range(6):
+                tie = ps[b].max()
+                kept_tie = keep[b][ks[b] == tie]
+                prop_tie = prop[b][ps[b] == tie]
+                if len(kept_tie):
+                    assert kept_tie.max() < prop_tie.min()
+
+
+BAD = [
+    (lambda: (torch.randn(7), 1), "score must have 2 dimensions"),
+    (lambda: (torch.randn(2, 7).double(), 1), "score must be float32"),
+    (lambda: (torch.randn(2, 7), -1), "num_prop must be in"),
+    (lambda: (torch.randn(2, 7), 7), "num_prop must be in"),
+    (lambda: (torch.tensor([[1.0, float("nan"), 0.0]]), 1), "score contains NaN"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_inputs(backend, case):
+    make, msg = BAD[case]
+    with pytest.raises((RuntimeError, ValueError), match=msg):
+        run(backend, *make())
