@@ -45,8 +45,10 @@ def check_build_graph_args(
         raise ValueError(
             f"{_OP}: num_neighbours must be in [0, n - 1] = [0, {n - 1}], got {num_neighbours}"
         )
-    if tokens.numel() > 0 and graph != "spatial" and torch.isnan(tokens).any():
-        raise ValueError(f"{_OP}: tokens contains NaN")
+    # Only the semantic graph reads token values; NaN/Inf would make its ranking meaningless.
+    uses_values = graph != "spatial" and num_neighbours > 0
+    if uses_values and tokens.numel() > 0 and not torch.isfinite(tokens).all():
+        raise ValueError(f"{_OP}: tokens contains NaN or Inf")
 
 
 def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:

@@ -1,0 +1,82 @@
+// select_tokens on CPU (SPEC 3): per row, the P lowest scores are propagated, the rest kept.
+//
+// Order: (score ascending, position descending), so among equal scores the higher position is
+// propagated first and the lower one kept. One nth_element per row finds the P-th token of
+// that order; a linear scan then writes both index lists already ascending.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace gtp {
+namespace {
+
+#define OP "gtp.select_tokens"
+
+std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& score, int64_t num_prop) {
+  GTP_CHECK_DIM(OP, score, "score", 2);
+  TORCH_CHECK(score.scalar_type() == at::kFloat, OP ": score must be float32, got ",
+              score.scalar_type());
+  const int64_t B = score.size(0), n = score.size(1), P = num_prop;
+  TORCH_CHECK(P >= 0 && P <= n - 1, OP ": num_prop must be in [0, n - 1] = [0, ", n - 1,
+              "], got ", P);
+  at::Tensor keep = at::empty({B, n - P}, score.options().dtype(at::kLong));
+  at::Tensor prop = at::empty({B, P}, score.options().dtype(at::kLong));
+  if (B == 0) return {keep, prop};
+
+  const at::Tensor s = score.contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  int64_t* kp = keep.data_ptr<int64_t>();
+  int64_t* pp = prop.data_ptr<int64_t>();
+  std::atomic<bool> has_nan{false};
+
+  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / n), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(n);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = sp + b * n;
+      int64_t* krow = kp + b * (n - P);
+      int64_t* prow = pp + b * P;
+      bool nan = false;
+      for (int64_t i = 0; i < n; ++i) nan |= std::isnan(row[i]);
+      if (nan) {  // NaN breaks the ordering; the caller raises after the loop
+        has_nan = true;
+        continue;
+      }
+      if (P == 0) {
+        std::iota(krow, krow + n, int64_t{0});
+        continue;
+      }
+      // a goes before b: lower score, or equal score and higher position.
+      auto before = [row](int64_t a, int64_t b) {
+        return row[a] < row[b] || (row[a] == row[b] && a > b);
+      };
+      std::iota(order.begin(), order.end(), int64_t{0});
+      std::nth_element(order.begin(), order.begin() + (P - 1), order.end(), before);
+      const int64_t last = order[P - 1];  // the P-th token propagated
+      int64_t nk = 0, np = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (i == last || before(i, last)) {
+          prow[np++] = i;
+        } else {
+          krow[nk++] = i;
+        }
+      }
+    }
+  });
+  TORCH_CHECK(!has_nan.load(), OP ": score contains NaN");
+  return {keep, prop};
+}
+
+#undef OP
+
+}  // namespace
+}  // namespace gtp
+
+TORCH_LIBRARY_IMPL(gtp, CPU, m) { m.impl("select_tokens", &gtp::select_tokens_cpu); }
