@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import assert_close
 
+import gtp_kernels.ops  # noqa: F401  (registers the fake kernels and autograd)
 from gtp_kernels._extension import extension_available, has_kernel
 from gtp_kernels.reference import build_graph as ref_build_graph
 
@@ -231,3 +232,83 @@ def test_bad_inputs(backend, case):
     make, msg = BAD[case]
     with pytest.raises((RuntimeError, ValueError), match=msg):
         run(backend, *make())
+
+
+# ---------------------------------------------------------------- kernel vs reference
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    """(tokens, height, width, K, graph) cases: odd sizes, B > 1, non-contiguous, empty batch,
+    exact ties, row-blocked and column-tiled similarity (n > 512)."""
+
+    def t(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    dup = t(2, 12, 9)
+    dup[:, 7] = dup[:, 2]  # exact duplicates: every row sees an exact tie between 2 and 7
+    dup[:, 10] = 2 * dup[:, 4]  # scaled by a power of two: the same after normalisation
+    return [
+        (t(2, 15, 7), 3, 5, 4, "mixed"),
+        (t(3, 49, 33), 7, 7, 8, "semantic"),
+        (t(2, 15, 7), 5, 3, 0, "spatial"),
+        (t(1, 7, 5), 1, 7, 6, "mixed"),  # K = n - 1
+        (t(2, 24, 16), 4, 6, 0, "mixed"),  # K = 0
+        (t(2, 11, 10).transpose(1, 2), 2, 5, 3, "mixed"),  # non-contiguous
+        (t(2, 10, 22)[:, :, ::2], 2, 5, 3, "semantic"),  # strided channels
+        (t(0, 9, 4), 3, 3, 2, "mixed"),  # empty batch
+        (dup, 3, 4, 3, "semantic"),
+        (dup, 4, 3, 5, "mixed"),
+        (t(1, 196, 64), 14, 14, 8, "mixed"),  # B = 1: row blocks
+        (t(1, 576, 16), 24, 24, 8, "semantic"),  # n > 512: column tiles, running top-K
+    ]
+
+
+def _case_id(case):
+    x, h, w, k, g = case
+    return f"{tuple(x.shape)}-{h}x{w}-K{k}-{g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_kernel_matches_reference(dtype):
+    for case in sample_inputs("cpu", dtype):
+        ref_index, ref_weight = ref_build_graph(*case)
+        index, weight = torch.ops.gtp.build_graph(*case)
+        name = _case_id(case)
+        assert_close(index, ref_index, name=f"index {name}")
+        # weights come from integer degrees: identical, not just close
+        assert_close(weight, ref_weight, name=f"weight {name}")
+
+
+@needs_kernel
+def test_opcheck():
+    cases = sample_inputs()
+    x = torch.randn(2, 12, 6, requires_grad=True)  # the graph carries no gradient
+    cases.append((x, 3, 4, 2, "mixed"))
+    for case in cases:
+        torch.library.opcheck(torch.ops.gtp.build_graph.default, case)
+
+
+@needs_kernel
+def test_wrapper_backends():
+    from gtp_kernels.ops import build_graph
+
+    x = torch.randn(2, 35, 12, requires_grad=True)
+    out = {b: build_graph(x, 5, 7, 4, "mixed", backend=b) for b in ("auto", "cpu", "reference")}
+    for b in ("auto", "cpu"):
+        assert torch.equal(out[b][0], out["reference"][0])
+        assert torch.equal(out[b][1], out["reference"][1])
+        assert not out[b][1].requires_grad
+    with pytest.raises(ValueError, match="backend must be one of"):
+        build_graph(x, 5, 7, 4, "mixed", backend="gpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_exact_ties(backend):
+    # 3 distinct directions, each repeated 4 times (some scaled by powers of two): every row
+    # has exact ties across the K-th place, all resolved by the lower index.
+    base = torch.randn(3, 10)
+    x = torch.stack([base[t % 3] * (2.0 ** (t % 2)) for t in range(12)])[None]
+    for k in (1, 3, 5, 11):
+        index, _ = run(backend, x, 3, 4, k, "semantic")
+        assert rows(index[0]) == brute_semantic(x[0], k), f"K={k}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gtp_kernels.ops  # noqa: F401  (registers the fake kernels and autograd)
 from gtp_kernels._extension import extension_available, has_kernel
 from gtp_kernels.reference import select_tokens as ref_select_tokens
 
@@ -98,3 +99,45 @@ def test_bad_inputs(backend, case):
     make, msg = BAD[case]
     with pytest.raises((RuntimeError, ValueError), match=msg):
         run(backend, *make())
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    """(score, P) cases: odd sizes, B > 1, ties, non-contiguous, empty batch."""
+    ties = torch.randint(0, 4, (5, 37), device=device).to(dtype)
+    return [
+        (torch.randn(3, 11, device=device).to(dtype), 4),
+        (torch.randn(4, 196, device=device).to(dtype), 8),
+        (ties, 18),
+        (ties, 0),
+        (ties, 36),
+        (torch.randn(13, 6, device=device).to(dtype).t(), 5),  # non-contiguous (6, 13)
+        (torch.randn(3, 40, device=device).to(dtype)[:, ::2], 7),  # strided
+        (torch.randn(0, 9, device=device).to(dtype), 3),  # empty batch
+        (torch.zeros(2, 1, device=device).to(dtype), 0),  # n = 1
+    ]
+
+
+@needs_kernel
+def test_kernel_matches_reference():
+    for score, p in sample_inputs():
+        rk, rp = ref_select_tokens(score, p)
+        k, q = torch.ops.gtp.select_tokens(score, p)
+        assert torch.equal(k, rk), f"keep {tuple(score.shape)} P={p}"
+        assert torch.equal(q, rp), f"prop {tuple(score.shape)} P={p}"
+
+
+@needs_kernel
+def test_opcheck():
+    for score, p in sample_inputs():
+        torch.library.opcheck(torch.ops.gtp.select_tokens.default, (score, p))
+
+
+@needs_kernel
+def test_wrapper_backends():
+    from gtp_kernels.ops import select_tokens
+
+    score = torch.randint(0, 3, (4, 25)).float()
+    ref = select_tokens(score, 9, backend="reference")
+    for b in ("auto", "cpu"):
+        out = select_tokens(score, 9, backend=b)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])

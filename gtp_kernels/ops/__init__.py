@@ -3,5 +3,7 @@ kernel, autograd and backend choice; every wrapper takes `backend="auto" | "cpu"
 "triton" | "reference"`."""
 
 from gtp_kernels.ops._backend import BACKENDS, resolve_backend
+from gtp_kernels.ops.build_graph import build_graph
+from gtp_kernels.ops.select_tokens import select_tokens
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "build_graph", "resolve_backend", "select_tokens"]
