@@ -20,6 +20,18 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt
   rm -f .venv/.gtp-requirements-* && touch "$stamp"
 fi
-echo "[setup] building gtp_kernels._C (pip install --no-build-isolation -e .)"
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+if ! .venv/bin/python -m pip show -q gtp_kernels > /dev/null 2>&1; then
+  echo "[setup] installing gtp_kernels in editable mode"
+  GTP_NO_EXTENSION=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+fi
+# Same build as `pip install --no-build-isolation -e .`, but in ./build so ninja rebuilds only
+# what changed.
+echo "[setup] building gtp_kernels._C in place"
+mkdir -p build
+if ! .venv/bin/python setup.py build_ext --inplace > build/ext.log 2>&1; then
+  cat build/ext.log
+  echo "[setup] building the extension failed (full log above, also in build/ext.log)"
+  exit 1
+fi
+grep "\[gtp_kernels build\]" build/ext.log
 .venv/bin/python -m gtp_kernels.info
