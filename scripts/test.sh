@@ -19,4 +19,4 @@ if [ "${GTP_SKIP_CMAKE:-0}" != "1" ]; then
 fi
 
 echo "[test] pytest"
-exec .venv/bin/python -m pytest tests -q -ra "$@"
+GTP_REQUIRE_EXTENSION=1 exec .venv/bin/python -m pytest tests -q -ra "$@"
