@@ -69,6 +69,22 @@ GTP_HOST_DEVICE inline int topk_insert(float* score, int32_t* idx, int count, in
   return count + 1;
 }
 
+// topk_insert for candidates offered in ascending j (every j larger than those held): a tie
+// with a held entry then always loses, so plain `>` decides. Requires count == k => s > score[k-1]
+// or count < k (the caller filters with the K-th best first).
+GTP_HOST_DEVICE inline int topk_insert_ascending(float* score, int32_t* idx, int count, int k,
+                                                 float s, int32_t j) {
+  int p = count < k ? count : k - 1;
+  while (p > 0 && s > score[p - 1]) {
+    score[p] = score[p - 1];
+    idx[p] = idx[p - 1];
+    --p;
+  }
+  score[p] = s;
+  idx[p] = j;
+  return count < k ? count + 1 : k;
+}
+
 // Sorts v[0..count) ascending (count is small: K or 8 + K).
 GTP_HOST_DEVICE inline void sort_small(int32_t* v, int count) {
   for (int a = 1; a < count; ++a) {

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <string_view>
 #include <vector>
 
@@ -27,6 +28,16 @@ namespace {
 
 using build_graph::GraphType;
 
+constexpr int64_t kChunk = 32;  // columns tested at once against the running K-th best
+
+// Whether any of v[0..kChunk) exceeds thr. A fixed trip count and an integer sum so that the
+// compiler turns it into a few vector compares (a bool `any |=` loop stays scalar).
+inline bool any_above(const float* v, float thr) {
+  int hits = 0;
+  for (int64_t t = 0; t < kChunk; ++t) hits += v[t] > thr ? 1 : 0;
+  return hits != 0;
+}
+
 GraphType parse_graph(std::string_view graph) {
   if (graph == "spatial") return GraphType::Spatial;
   if (graph == "semantic") return GraphType::Semantic;
@@ -34,20 +45,28 @@ GraphType parse_graph(std::string_view graph) {
   TORCH_CHECK(false, OP ": graph must be 'spatial', 'semantic' or 'mixed', got '", graph, "'");
 }
 
-// Row i of image b, L2-normalised in float32 as the reference does: x / max(||x||, 1e-12).
-// The sum of squares is accumulated in float64 (it cannot overflow); returns false when the
-// row holds a NaN or an infinity.
+// One token, L2-normalised in float32 as the reference does: x / max(||x||, 1e-12). The sum
+// of squares runs in float64 (no overflow) over 8 independent lanes so that it vectorises.
+// Returns false when the token holds a NaN or an infinity.
 template <typename scalar_t>
 bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
-  double sumsq = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = static_cast<float>(x[c * stride_c]);
-    e[c] = v;
-    sumsq += static_cast<double>(v) * v;
+  if (stride_c == 1) {
+    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<float>(x[c]);
+  } else {
+    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<float>(x[c * stride_c]);
   }
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
+  }
+  for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
+  double sumsq = 0.0;
+  for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
   if (!std::isfinite(sumsq)) return false;
   const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
-  for (int64_t c = 0; c < C; ++c) e[c] /= denom;
+  for (c = 0; c < C; ++c) e[c] /= denom;
   return true;
 }
 
@@ -126,14 +145,21 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
           float* bs = best_s.data() + q * k;
           int32_t* bj = best_j.data() + q * k;
           int cnt = count[q];
-          for (int64_t t = 0; t < c; ++t) {
-            const int64_t j = j0 + t;
-            const float v = srow[t];
-            // Full and not strictly better than the K-th: a tie loses to its lower index.
-            if (cnt == k && !(v > bs[k - 1])) continue;
-            if (j == i) continue;
-            cnt = build_graph::topk_insert(bs, bj, cnt, static_cast<int>(k), v,
-                                           static_cast<int32_t>(j));
+          // A candidate must beat the K-th best strictly: on a tie the K-th has the lower
+          // index (columns arrive ascending). Chunks with no such value are skipped with one
+          // vectorised compare, which is the common case once the list is full.
+          float thr = cnt == k ? bs[k - 1] : -std::numeric_limits<float>::infinity();
+          for (int64_t t0 = 0; t0 < c; t0 += kChunk) {
+            const int64_t te = std::min(c, t0 + kChunk);
+            if (te - t0 == kChunk && !any_above(srow + t0, thr)) continue;
+            for (int64_t t = t0; t < te; ++t) {
+              const float v = srow[t];
+              const int64_t j = j0 + t;
+              if (!(v > thr) || j == i) continue;
+              cnt = build_graph::topk_insert_ascending(bs, bj, cnt, static_cast<int>(k), v,
+                                                       static_cast<int32_t>(j));
+              if (cnt == k) thr = bs[k - 1];
+            }
           }
           count[q] = cnt;
         }
