@@ -3,5 +3,6 @@ kernel, autograd and backend choice; every wrapper takes `backend="auto" | "cpu"
 "triton" | "reference"`."""
 
 from gtp_kernels.ops._backend import BACKENDS, resolve_backend
+from gtp_kernels.ops.attention import attention
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "attention", "resolve_backend"]
