@@ -33,6 +33,10 @@
 #include <string>
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "common/attention.h"
 #include "common/checks.h"
 
@@ -104,39 +108,61 @@ void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const
 #endif
 }
 
+// Rank kk (1-based) inside a histogram: the bucket holding it; kk becomes the rank inside it.
+inline uint32_t find_bucket(const uint32_t* hist, uint32_t bins, int64_t& kk) {
+  int64_t below = 0;
+  uint32_t b = 0;
+  for (; b + 1 < bins && below + static_cast<int64_t>(hist[b]) < kk; ++b) below += hist[b];
+  kk -= below;
+  return b;
+}
+
 // Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
 // sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
-// the keys of that bucket are compacted and two more histograms (bits 10..19, 0..9) finish.
-// hist: 2048 entries of scratch; cand: `count` entries of scratch.
+// the keys of that bucket are compacted and two histograms (bits 10..19, 0..9) finish.
+// hist: 4 * 2048 entries of scratch; cand: count + 16 entries of scratch.
 float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
-  std::fill(hist, hist + 2048, 0u);
-  for (int64_t i = 0; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
-  int64_t below = 0;
-  uint32_t b1 = 0;
-  for (; b1 < 2047 && below + static_cast<int64_t>(hist[b1]) < kk; ++b1) below += hist[b1];
-  kk -= below;
-  // compact the bucket's keys (branch free: the store happens, the count moves on a match)
+  // Pass 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
+  // histograms keep consecutive increments of one bucket from waiting on each other.
+  std::fill(hist, hist + 4 * 2048, 0u);
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    hist[attention::prob_key(x[i]) >> 20]++;
+    hist[2048 + (attention::prob_key(x[i + 1]) >> 20)]++;
+    hist[4096 + (attention::prob_key(x[i + 2]) >> 20)]++;
+    hist[6144 + (attention::prob_key(x[i + 3]) >> 20)]++;
+  }
+  for (; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
+  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+  const uint32_t b1 = find_bucket(hist, 2048, kk);
+
+  // Pass 2: compact the keys of bucket b1 (typically a few percent of the map).
   int64_t c = 0;
-  for (int64_t i = 0; i < count; ++i) {
+  i = 0;
+#if defined(__AVX512F__)
+  const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
+  const __m512i bucket = _mm512_set1_epi32(static_cast<int>(b1));
+  for (; i + 16 <= count; i += 16) {
+    const __m512i key = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
+    const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, 20), bucket);
+    _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(hit, key));  // cand has +16 slack
+    c += __builtin_popcount(static_cast<unsigned>(hit));
+  }
+#endif
+  for (; i < count; ++i) {  // branch free: the store always happens, the count moves on a hit
     const uint32_t key = attention::prob_key(x[i]);
     cand[c] = key;
     c += (key >> 20) == b1;
   }
-  std::fill(hist, hist + 1024, 0u);
-  for (int64_t i = 0; i < c; ++i) hist[(cand[i] >> 10) & 1023u]++;
-  below = 0;
-  uint32_t b2 = 0;
-  for (; b2 < 1023 && below + static_cast<int64_t>(hist[b2]) < kk; ++b2) below += hist[b2];
-  kk -= below;
-  std::fill(hist + 1024, hist + 2048, 0u);
+  std::fill(hist, hist + 2048, 0u);
+  for (int64_t j = 0; j < c; ++j) hist[(cand[j] >> 10) & 1023u]++;
+  const uint32_t b2 = find_bucket(hist, 1024, kk);
   uint32_t* hist3 = hist + 1024;
-  for (int64_t i = 0; i < c; ++i) {
-    const uint32_t key = cand[i];
+  for (int64_t j = 0; j < c; ++j) {
+    const uint32_t key = cand[j];
     hist3[key & 1023u] += ((key >> 10) & 1023u) == b2;
   }
-  below = 0;
-  uint32_t b3 = 0;
-  for (; b3 < 1023 && below + static_cast<int64_t>(hist3[b3]) < kk; ++b3) below += hist3[b3];
+  const uint32_t b3 = find_bucket(hist3, 1024, kk);
   return attention::key_prob((b1 << 20) | (b2 << 10) | b3);
 }
 
@@ -147,41 +173,32 @@ T nth_select(const T* x, int64_t count, int64_t kk, T* copy) {
   return copy[kk - 1];
 }
 
-// Row softmax of S (n x n) + log_sizes[j], in place.
+// Row softmax of S (n x n) + log_sizes[j], in place. `omp simd` lets the compiler vectorise
+// the max and sum reductions (it may reassociate them; the sum is then a tree over lanes).
 inline void softmax_rows(float* S, int64_t n, const float* ls) {
-  constexpr int L = 16;  // independent lanes so the compiler vectorises the reductions
   for (int64_t i = 0; i < n; ++i) {
     float* row = S + i * n;
-    if (ls != nullptr) {
-      for (int64_t j = 0; j < n; ++j) row[j] += ls[j];
-    }
-    float mx[L];
-    for (int l = 0; l < L; ++l) mx[l] = -std::numeric_limits<float>::infinity();
-    int64_t j = 0;
-    for (; j + L <= n; j += L) {
-      for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
-    }
     float m = -std::numeric_limits<float>::infinity();
-    for (; j < n; ++j) m = row[j] > m ? row[j] : m;
-    for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
-    float sm[L] = {};
-    j = 0;
-    for (; j + L <= n; j += L) {
-      for (int l = 0; l < L; ++l) {
-        const float e = attention::exp_nonpositive(row[j + l] - m);
-        row[j + l] = e;
-        sm[l] += e;
+    if (ls != nullptr) {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] += ls[j];
+        m = row[j] > m ? row[j] : m;  // (std::max defeats the simd reduction)
       }
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
     }
     float s = 0.0f;
-    for (; j < n; ++j) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
       const float e = attention::exp_nonpositive(row[j] - m);
       row[j] = e;
       s += e;
     }
-    for (int l = 0; l < L; ++l) s += sm[l];
     const float inv = 1.0f / s;
-    for (j = 0; j < n; ++j) row[j] *= inv;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
   }
 }
 
@@ -255,8 +272,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::unique_ptr<T[]> kbuf(direct_k ? nullptr : new T[N * d]);
     std::unique_ptr<T[]> vbuf(direct_v ? nullptr : new T[N * dv]);
     std::unique_ptr<T[]> obuf(direct_out ? nullptr : new T[N * dv]);
-    std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[2048] : nullptr);
-    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN] : nullptr);
+    std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[4 * 2048] : nullptr);
+    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 16] : nullptr);
     std::unique_ptr<T[]> copy(kk > 0 && !radix ? new T[NN] : nullptr);
     double* secs = profile.on ? thread_secs.data() + kNumPhases * at::get_thread_num() : nullptr;
     auto t_last = Clock::now();
