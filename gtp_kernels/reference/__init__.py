@@ -4,7 +4,8 @@ One op per module; the functions have the same signatures as torch.ops.gtp.*, so
 kernels are interchangeable. Readable and differentiable, not fast.
 """
 
+from gtp_kernels.reference.attention import attention
 from gtp_kernels.reference.build_graph import build_graph
 from gtp_kernels.reference.select_tokens import select_tokens
 
-__all__: list[str] = ["build_graph", "select_tokens"]
+__all__: list[str] = ["attention", "build_graph", "select_tokens"]

@@ -1,0 +1,493 @@
+// gtp.attention on CPU (SPEC 2, 3): proportional attention, the exact top-theta N^2 threshold,
+// A @ V and the importance-score pieces, fused per (image, head) tile.
+//
+// One thread owns one (b, h) tile at a time and keeps it in a thread-local N x N buffer
+// (allocated once per call per thread; 152 KiB for N = 197, in L2):
+//   S = scale * Q K^T                  BLAS gemm straight on q/k's strides (timm's qkv views)
+//   row softmax of S + log_sizes       branch-free polynomial exp, vectorised by the compiler
+//   tau = kk-th smallest of S          radix select on the float bits (3 histogram passes)
+//   S[S < tau] = 0, column sums        one pass; diagonal and row 0 read from the tile
+//   out = S V                          BLAS gemm into out's (B, N, H, dv) memory layout
+// The (B, H, N, N) probabilities never reach memory. Per-head score pieces go into a small
+// (B, H, n) buffer and are combined over heads at the end.
+//
+// Precision: float32/float16/bfloat16 inputs compute in float32 (half tiles are converted on
+// load), float64 in float64, exactly like gtp_kernels/reference/attention.py.
+//
+// Developer knobs (environment, read per call; not part of the API):
+//   GTP_ATTENTION_SELECT=nth_element   std::nth_element on a copy instead of the radix select
+//   GTP_ATTENTION_PROFILE=<file>       append per-phase thread-seconds of this call to <file>
+#include <ATen/ATen.h>
+#include <ATen/Config.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "common/attention.h"
+#include "common/checks.h"
+
+#if AT_BUILD_WITH_BLAS()
+// The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS, LP64). Calling it
+// directly costs nothing per tile; at::mm_out would go through the dispatcher 2 * B * H times.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+#endif
+
+namespace gtp {
+namespace {
+
+#define OP "gtp.attention"
+
+using attention::ScoreKind;
+using attention::ScoreStrategy;
+
+ScoreStrategy parse_score(const std::string& s) {
+  static const struct {
+    const char* name;
+    ScoreKind kind;
+    bool mean;
+  } table[] = {
+      {"none", ScoreKind::kNone, false},       {"mixed_max", ScoreKind::kMixed, false},
+      {"mixed_mean", ScoreKind::kMixed, true}, {"diag_max", ScoreKind::kDiag, false},
+      {"diag_mean", ScoreKind::kDiag, true},   {"colsum_max", ScoreKind::kColsum, false},
+      {"colsum_mean", ScoreKind::kColsum, true}, {"cls_max", ScoreKind::kCls, false},
+      {"cls_mean", ScoreKind::kCls, true},     {"sum_max", ScoreKind::kSum, false},
+  };
+  for (const auto& e : table) {
+    if (s == e.name) return ScoreStrategy{e.kind, e.mean};
+  }
+  TORCH_CHECK(false, OP ": score must be one of none, mixed_max, mixed_mean, diag_max, ",
+              "diag_mean, colsum_max, colsum_mean, cls_max, cls_mean, sum_max; got '", s, "'");
+  return {};
+}
+
+// Row-major C (m x n, ldc) = alpha * A (m x k, lda) @ op(B); op(B) = B^T with B (n x k, ldb)
+// when b_trans, else B (k x n, ldb). Column-major BLAS sees C^T = op(B)^T A^T.
+template <typename T>
+void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                   int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+#if AT_BUILD_WITH_BLAS()
+  const char ta = b_trans ? 'T' : 'N', tb = 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
+            ildc = static_cast<int>(ldc);
+  const T beta = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  } else {
+    dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  }
+#else
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
+  auto B = b_trans ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opt).t()
+                   : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opt);
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opt);
+  at::mm_out(C, A, B);
+  if (alpha != T(1)) C.mul_(alpha);
+#endif
+}
+
+// Rank kk (1-based) inside a histogram: the bucket holding it; kk becomes the rank inside it.
+inline uint32_t find_bucket(const uint32_t* hist, uint32_t bins, int64_t& kk) {
+  int64_t below = 0;
+  uint32_t b = 0;
+  for (; b + 1 < bins && below + static_cast<int64_t>(hist[b]) < kk; ++b) below += hist[b];
+  kk -= below;
+  return b;
+}
+
+// Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
+// sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
+// the keys of that bucket are compacted and two histograms (bits 10..19, 0..9) finish.
+// hist: 4 * 2048 entries of scratch; cand: count + 16 entries of scratch.
+float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
+  // Pass 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
+  // histograms keep consecutive increments of one bucket from waiting on each other.
+  std::fill(hist, hist + 4 * 2048, 0u);
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    hist[attention::prob_key(x[i]) >> 20]++;
+    hist[2048 + (attention::prob_key(x[i + 1]) >> 20)]++;
+    hist[4096 + (attention::prob_key(x[i + 2]) >> 20)]++;
+    hist[6144 + (attention::prob_key(x[i + 3]) >> 20)]++;
+  }
+  for (; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
+  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+  const uint32_t b1 = find_bucket(hist, 2048, kk);
+
+  // Pass 2: compact the keys of bucket b1 (typically a few percent of the map).
+  int64_t c = 0;
+  i = 0;
+#if defined(__AVX512F__)
+  const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
+  const __m512i bucket = _mm512_set1_epi32(static_cast<int>(b1));
+  for (; i + 16 <= count; i += 16) {
+    const __m512i key = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
+    const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, 20), bucket);
+    _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(hit, key));  // cand has +16 slack
+    c += __builtin_popcount(static_cast<unsigned>(hit));
+  }
+#endif
+  for (; i < count; ++i) {  // branch free: the store always happens, the count moves on a hit
+    const uint32_t key = attention::prob_key(x[i]);
+    cand[c] = key;
+    c += (key >> 20) == b1;
+  }
+  std::fill(hist, hist + 2048, 0u);
+  for (int64_t j = 0; j < c; ++j) hist[(cand[j] >> 10) & 1023u]++;
+  const uint32_t b2 = find_bucket(hist, 1024, kk);
+  uint32_t* hist3 = hist + 1024;
+  for (int64_t j = 0; j < c; ++j) {
+    const uint32_t key = cand[j];
+    hist3[key & 1023u] += ((key >> 10) & 1023u) == b2;
+  }
+  const uint32_t b3 = find_bucket(hist3, 1024, kk);
+  return attention::key_prob((b1 << 20) | (b2 << 10) | b3);
+}
+
+template <typename T>
+T nth_select(const T* x, int64_t count, int64_t kk, T* copy) {
+  std::copy(x, x + count, copy);
+  std::nth_element(copy, copy + (kk - 1), copy + count);
+  return copy[kk - 1];
+}
+
+// Row softmax of S (n x n) + log_sizes[j], in place. `omp simd` lets the compiler vectorise
+// the max and sum reductions (it may reassociate them; the sum is then a tree over lanes).
+inline void softmax_rows(float* S, int64_t n, const float* ls) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = S + i * n;
+    float m = -std::numeric_limits<float>::infinity();
+    if (ls != nullptr) {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] += ls[j];
+        m = row[j] > m ? row[j] : m;  // (std::max defeats the simd reduction)
+      }
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
+    }
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = attention::exp_nonpositive(row[j] - m);
+      row[j] = e;
+      s += e;
+    }
+    const float inv = 1.0f / s;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+  }
+}
+
+inline void softmax_rows(double* S, int64_t n, const float* ls) {
+  for (int64_t i = 0; i < n; ++i) {
+    double* row = S + i * n;
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      if (ls != nullptr) row[j] += static_cast<double>(ls[j]);
+      m = std::max(m, row[j]);
+    }
+    double s = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = std::exp(row[j] - m);
+      s += row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) row[j] /= s;
+  }
+}
+
+// (rows x cols) tile of a strided tensor to a dense row-major T buffer.
+template <typename scalar_t, typename T>
+void pack_tile(const scalar_t* src, int64_t rows, int64_t cols, int64_t s_row, int64_t s_col,
+               T* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < cols; ++c) dst[i * cols + c] = static_cast<T>(src[i * s_row + c * s_col]);
+  }
+}
+
+// Can a BLAS operand be read in place: T elements, unit column stride, row stride >= cols?
+template <typename scalar_t, typename T>
+bool blas_ready(const at::Tensor& t, int64_t cols) {
+  return std::is_same_v<scalar_t, T> && t.stride(3) == 1 && t.stride(2) >= std::max<int64_t>(cols, 1);
+}
+
+enum Phase { kPack, kQK, kSoftmax, kSelect, kMask, kAV, kNumPhases };
+
+struct Profile {
+  bool on = false;
+  double secs[kNumPhases] = {};
+};
+
+using Clock = std::chrono::steady_clock;
+
+template <typename scalar_t, typename T>
+void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const float* ls_ptr, double scale, int64_t kk, int64_t num_prefix,
+                      ScoreStrategy strategy, bool use_nth, at::Tensor& out,
+                      at::Tensor& pieces, Profile& profile) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), dv = v.size(3);
+  const int64_t n_img = N - num_prefix, NN = N * N;
+  const bool direct_q = blas_ready<scalar_t, T>(q, d), direct_k = blas_ready<scalar_t, T>(k, d),
+             direct_v = blas_ready<scalar_t, T>(v, dv);
+  const bool direct_out = std::is_same_v<scalar_t, T>;  // out: (B, N, H, dv) memory
+  const bool radix = std::is_same_v<T, float> && !use_nth;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  T* piece_ptr = strategy.kind == ScoreKind::kNone ? nullptr : pieces.mutable_data_ptr<T>();
+  const int64_t piece_stride = B * H * n_img;  // pieces: (2, B, H, n): [first, second]
+  const T alpha = static_cast<T>(scale);
+
+  std::vector<double> thread_secs(profile.on ? kNumPhases * at::get_num_threads() : 0, 0.0);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // Thread-local scratch, once per call per thread.
+    std::unique_ptr<T[]> S(new T[NN]);
+    std::unique_ptr<T[]> colsum(new T[N]);
+    std::unique_ptr<T[]> qbuf(direct_q ? nullptr : new T[N * d]);
+    std::unique_ptr<T[]> kbuf(direct_k ? nullptr : new T[N * d]);
+    std::unique_ptr<T[]> vbuf(direct_v ? nullptr : new T[N * dv]);
+    std::unique_ptr<T[]> obuf(direct_out ? nullptr : new T[N * dv]);
+    std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[4 * 2048] : nullptr);
+    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 16] : nullptr);
+    std::unique_ptr<T[]> copy(kk > 0 && !radix ? new T[NN] : nullptr);
+    double* secs = profile.on ? thread_secs.data() + kNumPhases * at::get_thread_num() : nullptr;
+    auto t_last = Clock::now();
+    auto tick = [&](Phase p) {
+      if (secs == nullptr) return;
+      const auto now = Clock::now();
+      secs[p] += std::chrono::duration<double>(now - t_last).count();
+      t_last = now;
+    };
+
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / H, h = tile % H;
+      const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(1);
+      const scalar_t* kt = kp + b * k.stride(0) + h * k.stride(1);
+      const scalar_t* vt = vp + b * v.stride(0) + h * v.stride(1);
+      tick(kPack);
+      const T *Q, *K, *V;
+      int64_t ldq, ldk, ldv;
+      if (direct_q) {
+        Q = reinterpret_cast<const T*>(qt), ldq = q.stride(2);
+      } else {
+        pack_tile(qt, N, d, q.stride(2), q.stride(3), qbuf.get());
+        Q = qbuf.get(), ldq = std::max<int64_t>(d, 1);
+      }
+      if (direct_k) {
+        K = reinterpret_cast<const T*>(kt), ldk = k.stride(2);
+      } else {
+        pack_tile(kt, N, d, k.stride(2), k.stride(3), kbuf.get());
+        K = kbuf.get(), ldk = std::max<int64_t>(d, 1);
+      }
+      if (direct_v) {
+        V = reinterpret_cast<const T*>(vt), ldv = v.stride(2);
+      } else {
+        pack_tile(vt, N, dv, v.stride(2), v.stride(3), vbuf.get());
+        V = vbuf.get(), ldv = std::max<int64_t>(dv, 1);
+      }
+      tick(kPack);
+
+      T* s = S.get();
+      if (d > 0) {
+        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N);
+      } else {
+        std::fill(s, s + NN, T(0));
+      }
+      tick(kQK);
+      softmax_rows(s, N, ls_ptr == nullptr ? nullptr : ls_ptr + b * N);
+      tick(kSoftmax);
+
+      if (kk > 0) {
+        T tau;
+        if constexpr (std::is_same_v<T, float>) {
+          tau = radix ? radix_select(s, NN, kk, hist.get(), cand.get())
+                      : nth_select(s, NN, kk, copy.get());
+        } else {
+          tau = nth_select(s, NN, kk, copy.get());
+        }
+        tick(kSelect);
+        if (strategy.needs_psi()) {
+          std::fill(colsum.get(), colsum.get() + N, T(0));
+          T* cs = colsum.get();
+          for (int64_t i = 0; i < N; ++i) {
+            T* row = s + i * N;
+            for (int64_t j = 0; j < N; ++j) {
+              const T a = row[j] < tau ? T(0) : row[j];
+              row[j] = a;
+              cs[j] += a;
+            }
+          }
+        } else {
+          for (int64_t e = 0; e < NN; ++e) s[e] = s[e] < tau ? T(0) : s[e];
+        }
+      } else if (strategy.needs_psi()) {
+        std::fill(colsum.get(), colsum.get() + N, T(0));
+        T* cs = colsum.get();
+        for (int64_t i = 0; i < N; ++i) {
+          const T* row = s + i * N;
+          for (int64_t j = 0; j < N; ++j) cs[j] += row[j];
+        }
+      }
+      if (piece_ptr != nullptr) {
+        // first piece: gamma (diag) or cls (row 0); second: psi (column sums)
+        T* first = piece_ptr + tile * n_img;
+        T* second = piece_ptr + piece_stride + tile * n_img;
+        for (int64_t j = 0; j < n_img; ++j) {
+          const int64_t c = num_prefix + j;
+          if (strategy.needs_gamma()) first[j] = s[c * N + c];
+          if (strategy.needs_cls()) first[j] = s[c];
+          if (strategy.needs_psi()) second[j] = colsum[c];
+        }
+      }
+      tick(kMask);
+
+      // out[b, :, h, :] is an (N x dv) row-major block with row stride H * dv
+      if (dv > 0) {
+        if constexpr (std::is_same_v<scalar_t, T>) {
+          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, op + b * N * H * dv + h * dv,
+                           H * dv);
+        } else {
+          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv);
+          scalar_t* o = op + b * N * H * dv + h * dv;
+          for (int64_t i = 0; i < N; ++i) {
+            for (int64_t c = 0; c < dv; ++c) o[i * H * dv + c] = static_cast<scalar_t>(obuf[i * dv + c]);
+          }
+        }
+      }
+      tick(kAV);
+    }
+  });
+
+  if (profile.on) {
+    for (size_t t = 0; t < thread_secs.size(); ++t) profile.secs[t % kNumPhases] += thread_secs[t];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& log_sizes,
+                                                  double scale, double sparsity,
+                                                  int64_t num_prefix, c10::string_view score) {
+  TORCH_CHECK(q.dim() == 4, OP ": q must have 4 dimensions (B, H, N, d), got shape ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), OP ": k must have the shape of q ", q.sizes(),
+              ", got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              OP ": v must have shape (B, H, N, dv) with (B, H, N) = ", q.sizes().slice(0, 3),
+              " of q, got shape ", v.sizes());
+  GTP_CHECK_FLOATING(OP, q, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), OP ": k must have the dtype of q (",
+              q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), OP ": v must have the dtype of q (",
+              q.scalar_type(), "), got ", v.scalar_type());
+  // (GTP_CHECK_DEVICE_TYPE in checks.h does not compile: its parameter `type` shadows .type())
+  TORCH_CHECK(q.device().is_cpu(), OP ": q must be on cpu, got ", q.device());
+  GTP_CHECK_SAME_DEVICE(OP, q, "q", k, "k");
+  GTP_CHECK_SAME_DEVICE(OP, q, "q", v, "v");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dv = v.size(3);
+  TORCH_CHECK(H >= 1, OP ": q must have at least one head, got shape ", q.sizes());
+  const float* ls_ptr = nullptr;
+  at::Tensor ls;
+  if (log_sizes.has_value()) {
+    ls = *log_sizes;
+    TORCH_CHECK(ls.dim() == 2 && ls.size(0) == B && ls.size(1) == N,
+                OP ": log_sizes must have shape (B, N) = [", B, ", ", N, "], got shape ",
+                ls.sizes());
+    TORCH_CHECK(ls.scalar_type() == at::kFloat, OP ": log_sizes must be float32, got ",
+                ls.scalar_type());
+    GTP_CHECK_SAME_DEVICE(OP, q, "q", ls, "log_sizes");
+    ls = ls.contiguous();
+    ls_ptr = ls.const_data_ptr<float>();
+  }
+  TORCH_CHECK(std::isfinite(scale), OP ": scale must be finite, got ", scale);
+  TORCH_CHECK(sparsity > 0.0 && sparsity <= 1.0,
+              OP ": sparsity (theta) must be in (0, 1], got ", sparsity);
+  TORCH_CHECK(num_prefix >= 0 && num_prefix <= N, OP ": num_prefix must be in [0, N] = [0, ", N,
+              "], got ", num_prefix);
+  const ScoreStrategy strategy = parse_score(std::string(score));
+  TORCH_CHECK(!strategy.needs_cls() || num_prefix >= 1, OP ": score '", score,
+              "' needs a CLS token (num_prefix >= 1), got num_prefix 0");
+  const int64_t n_img = N - num_prefix;
+
+  // out is (B, H, N, dv) with (B, N, H, dv) memory: timm's next step,
+  // out.transpose(1, 2).reshape(B, N, H * dv), is then a free view.
+  at::Tensor out = at::empty({B, N, H, dv}, q.options()).permute({0, 2, 1, 3});
+  const int64_t score_cols = strategy.kind == ScoreKind::kNone ? 0 : n_img;
+  at::Tensor score_out = at::empty({B, score_cols}, q.options().dtype(at::kFloat));
+  if (B == 0 || N == 0) {
+    if (score_out.numel() > 0) score_out.zero_();
+    return {out, score_out};
+  }
+  const int64_t kk = attention::num_masked(N, sparsity);
+  const char* sel_env = std::getenv("GTP_ATTENTION_SELECT");
+  const bool use_nth = sel_env != nullptr && std::string(sel_env) == "nth_element";
+  const char* prof_env = std::getenv("GTP_ATTENTION_PROFILE");
+  Profile profile;
+  profile.on = prof_env != nullptr && prof_env[0] != '\0';
+
+  const bool is_double = q.scalar_type() == at::kDouble;
+  const auto acc = is_double ? at::kDouble : at::kFloat;
+  at::Tensor pieces;
+  if (strategy.kind != ScoreKind::kNone) pieces = at::empty({2, B, H, n_img}, q.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gtp.attention", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attention_kernel<scalar_t, T>(q, k, v, ls_ptr, scale, kk, num_prefix, strategy, use_nth,
+                                  out, pieces, profile);
+    if (strategy.kind != ScoreKind::kNone) {
+      const T* first = pieces.const_data_ptr<T>();
+      const T* second = first + B * H * n_img;
+      float* so = score_out.mutable_data_ptr<float>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t j = 0; j < n_img; ++j) {
+            const int64_t off = b * H * n_img + j;
+            so[b * n_img + j] = static_cast<float>(attention::combine_score<T>(
+                strategy, first + off, second + off, first + off, H, n_img));
+          }
+        }
+      });
+    }
+  });
+
+  if (profile.on) {
+    if (FILE* f = std::fopen(prof_env, "a")) {
+      std::fprintf(f, "pack=%.6g qk=%.6g softmax=%.6g select=%.6g mask_scores=%.6g av=%.6g\n",
+                   profile.secs[kPack], profile.secs[kQK], profile.secs[kSoftmax],
+                   profile.secs[kSelect], profile.secs[kMask], profile.secs[kAV]);
+      std::fclose(f);
+    }
+  }
+  return {out, score_out};
+}
+
+#undef OP
+
+}  // namespace
+}  // namespace gtp
+
+TORCH_LIBRARY_IMPL(gtp, CPU, m) { m.impl("attention", &gtp::attention_cpu); }
