@@ -4,4 +4,6 @@ One op per module; the functions have the same signatures as torch.ops.gtp.*, so
 kernels are interchangeable. Readable and differentiable, not fast.
 """
 
-__all__: list[str] = []
+from gtp_kernels.reference.propagate import propagate
+
+__all__: list[str] = ["propagate"]
