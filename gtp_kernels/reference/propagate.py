@@ -1,0 +1,159 @@
+"""Reference graph propagation (SPEC 4): kept tokens absorb their propagated neighbours, the
+propagated tokens are removed and the graph shrinks to the survivors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_OP = "gtp.propagate"
+
+
+def check_propagate_args(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    alpha: float,
+    num_prefix: int,
+    sizes: torch.Tensor | None,
+) -> None:
+    """Same checks, same messages as the C++ kernel (the errors name the argument)."""
+    if x.dim() != 3:
+        raise ValueError(f"{_OP}: x must have 3 dimensions, got shape {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"{_OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    b, big_n, _ = x.shape
+    if num_prefix < 0 or num_prefix > big_n:
+        raise ValueError(f"{_OP}: num_prefix must be in [0, N] = [0, {big_n}], got {num_prefix}")
+    n = big_n - num_prefix
+    if index.dim() != 3:
+        raise ValueError(f"{_OP}: index must have 3 dimensions, got shape {list(index.shape)}")
+    if index.dtype != torch.int32:
+        raise ValueError(f"{_OP}: index must be int32, got {index.dtype}")
+    if index.shape[0] != b or index.shape[1] != n:
+        raise ValueError(
+            f"{_OP}: index must have shape (B, N - num_prefix, W) = ({b}, {n}, W), "
+            f"got {list(index.shape)}"
+        )
+    if weight.dtype != torch.float32:
+        raise ValueError(f"{_OP}: weight must be float32, got {weight.dtype}")
+    if weight.shape != index.shape:
+        raise ValueError(
+            f"{_OP}: weight must have the shape of index {list(index.shape)}, "
+            f"got {list(weight.shape)}"
+        )
+    if keep.dim() != 2:
+        raise ValueError(f"{_OP}: keep must have 2 dimensions, got shape {list(keep.shape)}")
+    if keep.dtype != torch.int64:
+        raise ValueError(f"{_OP}: keep must be int64, got {keep.dtype}")
+    if keep.shape[0] != b or keep.shape[1] > n or (n >= 1 and keep.shape[1] < 1):
+        raise ValueError(
+            f"{_OP}: keep must have shape (B, n - P) with B = {b} and 1 <= n - P <= n = {n}, "
+            f"got {list(keep.shape)}"
+        )
+    if sizes is not None:
+        if sizes.dtype != torch.float32:
+            raise ValueError(f"{_OP}: sizes must be float32, got {sizes.dtype}")
+        if tuple(sizes.shape) != (b, big_n):
+            raise ValueError(
+                f"{_OP}: sizes must have shape (B, N) = ({b}, {big_n}), got {list(sizes.shape)}"
+            )
+    for name, t in (("index", index), ("weight", weight), ("keep", keep), ("sizes", sizes)):
+        if t is not None and t.device != x.device:
+            raise ValueError(
+                f"{_OP}: {name} must be on the same device as x ({x.device}), got {t.device}"
+            )
+    if math.isnan(alpha):
+        raise ValueError(f"{_OP}: alpha must not be NaN")
+    if index.numel() > 0 and bool(((index < -1) | (index >= n)).any()):
+        raise ValueError(f"{_OP}: index entries must be in [-1, n) = [-1, {n}), got out of range")
+    if keep.numel() > 0:
+        if bool(((keep < 0) | (keep >= n)).any()):
+            raise ValueError(f"{_OP}: keep entries must be in [0, n) = [0, {n}), got out of range")
+        if bool((keep.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError(f"{_OP}: keep has duplicate entries in a row")
+
+
+def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t: (B, n, C), rows: (B, R) int64 -> t[b, rows[b, r], :] as (B, R, C)."""
+    return t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def propagate(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    alpha: float,
+    num_prefix: int,
+    sizes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Propagate the removed image tokens into their kept graph neighbours.
+
+    Args:
+        x: (B, N, C) float32/float16/bfloat16/float64 tokens, the M = num_prefix prefix tokens
+            first, then n = N - M image tokens.
+        index: (B, n, W) int32 graph neighbours of each image token (image positions), -1 for
+            an empty slot.
+        weight: (B, n, W) float32 edge weights (ignored at empty slots).
+        keep: (B, n - P) int64 distinct image positions that survive, in output order; every
+            other image token is propagated and removed. 1 <= n - P when n >= 1.
+        alpha: propagation magnitude (0: plain pruning). Not NaN.
+        num_prefix: M prefix tokens, copied unchanged, 0 <= M <= N.
+        sizes: optional (B, N) float32 token sizes, propagated like x.
+
+    Returns:
+        x_out: (B, M + n - P, C) in x's dtype: the prefix tokens, then for each r
+            x[M + i] + alpha * sum over slots s of row i = keep[r] whose neighbour j is not
+            kept of weight[i, s] * x[M + j]. Computed in float32 (float64 for float64 x).
+        sizes_out: (B, M + n - P) float32, the same for sizes; an empty (0,) tensor when
+            sizes is None.
+        index_out: (B, n - P, W) int32: row keep[r] restricted to kept neighbours, each
+            replaced by its position in keep, compacted in slot order, -1 padded.
+        weight_out: (B, n - P, W) float32: the weights of those slots, 0 at padding.
+    """
+    check_propagate_args(x, index, weight, keep, alpha, num_prefix, sizes)
+    b, big_n, _ = x.shape
+    n = big_n - num_prefix
+    kept = keep.shape[1]
+    width = index.shape[2]
+
+    # Old image position -> new position (-1: propagated). A length-n map per image.
+    new_pos = torch.full((b, n), -1, dtype=torch.int64, device=x.device)
+    order = torch.arange(kept, device=x.device).expand(b, kept)
+    new_pos.scatter_(1, keep, order)
+
+    # The rows of the kept tokens, and what each slot's neighbour becomes.
+    rows_index = index.long().gather(1, keep.unsqueeze(-1).expand(-1, -1, width))  # (B, R, W)
+    rows_weight = weight.gather(1, keep.unsqueeze(-1).expand(-1, -1, width))
+    valid = rows_index >= 0
+    nbr = rows_index.clamp(min=0)
+    nbr_new = new_pos.gather(1, nbr.flatten(1)).view_as(nbr)
+    survives = valid & (nbr_new >= 0)  # slot kept in the graph
+    absorbs = valid & (nbr_new < 0)  # slot whose neighbour is propagated into this row
+
+    def summarise(t: torch.Tensor) -> torch.Tensor:
+        # t: (B, N, C) -> (B, M + R, C) in the compute dtype.
+        img = t[:, num_prefix:]
+        acc = torch.zeros(b, kept, t.shape[-1], dtype=t.dtype, device=t.device)
+        for s in range(width):  # slot by slot: memory O(B R C), no (B, R, W, C) temporary
+            contrib = rows_weight[:, :, s, None].to(t.dtype) * _gather_rows(img, nbr[:, :, s])
+            acc = acc + torch.where(absorbs[:, :, s, None], contrib, 0)
+        out = _gather_rows(img, keep) + alpha * acc
+        return torch.cat([t[:, :num_prefix], out], dim=1)
+
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_out = summarise(x.to(compute)).to(x.dtype)
+    if sizes is not None:
+        sizes_out = summarise(sizes.unsqueeze(-1)).squeeze(-1)
+    else:
+        sizes_out = torch.empty(0, dtype=torch.float32, device=x.device)
+
+    # Compact the surviving slots to the front of each row, keeping their order.
+    slot_order = torch.sort((~survives).to(torch.int8), dim=-1, stable=True).indices
+    survives = survives.gather(-1, slot_order)
+    index_out = torch.where(survives, nbr_new.gather(-1, slot_order), -1).to(torch.int32)
+    weight_out = torch.where(survives, rows_weight.gather(-1, slot_order), 0.0)
+    return x_out, sizes_out, index_out.contiguous(), weight_out.contiguous()
