@@ -30,7 +30,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from gtp_kernels import ops
+from gtp_kernels import ops, reference
 
 __all__ = ["GTPSettings", "SELECTIONS", "timm", "remove", "is_patched"]
 
@@ -161,13 +161,14 @@ def _check_model(model: Any) -> None:
             f"runs attention over the tokens GTP removed); supported: {POOLS}"
         )
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block):
+        # Subclasses that only change __init__ are fine; a different forward is not ours to run.
+        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
             raise TypeError(
                 f"{_NAME}: block {i} is a {type(blk).__name__}; only timm's pre-norm "
                 "vision_transformer.Block is supported (not ResPostBlock, "
                 "ParallelScalingBlock, ...)"
             )
-        if not isinstance(blk.attn, Attention):
+        if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
             raise TypeError(
                 f"{_NAME}: block {i} attention is a {type(blk.attn).__name__}; only "
                 "timm.layers.Attention is supported"
@@ -320,10 +321,10 @@ def _propagate(
     alpha = float(cfg.alpha) if cfg.propagation == "graph" else 0.0
     index, weight = state.index, state.weight
     if state.sources is not None:
-        state.sources = ops.propagate(
+        state.sources = _op_propagate(
             state.sources, index, weight, keep, alpha, 0, None, backend=cfg.backend
         )[0]
-    x_out, sizes_out, index_out, weight_out = ops.propagate(
+    x_out, sizes_out, index_out, weight_out = _op_propagate(
         x, index, weight, keep, alpha, M, state.sizes, backend=cfg.backend
     )
     if cfg.propagation == "mean":
@@ -344,6 +345,15 @@ def _propagate(
         state.sizes = sizes_out
     state.index, state.weight = index_out, weight_out
     return x_out
+
+
+def _op_propagate(*args: Any, backend: str) -> tuple[torch.Tensor, ...]:
+    # gtp_kernels.ops.propagate (the public wrapper) when it exists; until wt-propagate's
+    # wrapper is merged, its pure-torch reference (same signature, no backend choice).
+    fn = getattr(ops, "propagate", None)
+    if fn is None:
+        return reference.propagate(*args)
+    return fn(*args, backend=backend)
 
 
 _CLASSES: dict[type, type] = {}
