@@ -115,7 +115,8 @@ def macs(
     include_gtp: bool = False,
 ) -> dict[str, int]:
     """MACs per image by part: 'patch_embed', 'attn_linear', 'attn_matmul', 'mlp', 'head',
-    'gtp' (0 unless include_gtp) and 'total'. Arguments as in `gmacs`."""
+    'gtp_graph' and 'gtp_propagate' (0 unless include_gtp) and 'total'. Arguments as in
+    `gmacs`."""
     pool = getattr(model, "global_pool", "token")
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError(f"gmacs: global_pool={pool!r} (attention pooling) is not supported")
@@ -125,7 +126,16 @@ def macs(
     h, w = _grid(model, img_size)
     n0 = h * w
     kh, kw = proj.kernel_size
-    parts = dict.fromkeys(("patch_embed", "attn_linear", "attn_matmul", "mlp", "head", "gtp"), 0)
+    keys = (
+        "patch_embed",
+        "attn_linear",
+        "attn_matmul",
+        "mlp",
+        "head",
+        "gtp_graph",
+        "gtp_propagate",
+    )
+    parts = dict.fromkeys(keys, 0)
     parts["patch_embed"] = n0 * proj.out_channels * (proj.in_channels // proj.groups) * kh * kw
     counts = token_counts(model, img_size, num_prop=num_prop, propagation=propagation)
     gtp = getattr(model, "gtp", None)
@@ -140,9 +150,9 @@ def macs(
         parts["attn_matmul"] += 2 * n_in * n_in * c_attn
         parts["mlp"] += n_out * _linear_macs(blk.mlp)
         if include_gtp and n_out != n_in:
-            parts["gtp"] += (n_out - m) * width * model.embed_dim
+            parts["gtp_propagate"] += (n_out - m) * width * model.embed_dim
     if include_gtp and any(n_out != n_in for n_in, n_out in counts) and graph != "spatial":
-        parts["gtp"] += n0 * n0 * model.embed_dim
+        parts["gtp_graph"] += n0 * n0 * model.embed_dim
     for name in ("head", "head_dist"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
