@@ -69,20 +69,23 @@ GTP_HOST_DEVICE inline int topk_insert(float* score, int32_t* idx, int count, in
   return count + 1;
 }
 
-// topk_insert for candidates offered in ascending j (every j larger than those held): a tie
-// with a held entry then always loses, so plain `>` decides. Requires count == k => s > score[k-1]
-// or count < k (the caller filters with the K-th best first).
-GTP_HOST_DEVICE inline int topk_insert_ascending(float* score, int32_t* idx, int count, int k,
-                                                 float s, int32_t j) {
-  int p = count < k ? count : k - 1;
-  while (p > 0 && s > score[p - 1]) {
-    score[p] = score[p - 1];
-    idx[p] = idx[p - 1];
-    --p;
+// Top-K insertion for candidates offered in ascending j (every j larger than those held), into
+// a full list score[0..k) (unfilled slots hold -inf). A tie with a held entry then always
+// loses, so plain `>` decides. Branch-free (selects only): the caller has already checked
+// s > score[k - 1], and the position of s is data dependent, which a branchy loop mispredicts.
+GTP_HOST_DEVICE inline void topk_insert_ascending(float* score, int32_t* idx, int k, float s,
+                                                  int32_t j) {
+  for (int p = k - 1; p > 0; --p) {  // descending: score[p - 1] still holds its old value
+    const float a = score[p - 1], b = score[p];
+    const int32_t ia = idx[p - 1], ib = idx[p];
+    const bool after_prev = s > a;  // s moves above position p - 1: shift it down
+    const bool here = s > b;
+    score[p] = after_prev ? a : (here ? s : b);
+    idx[p] = after_prev ? ia : (here ? j : ib);
   }
-  score[p] = s;
-  idx[p] = j;
-  return count < k ? count + 1 : k;
+  const bool first = s > score[0];
+  score[0] = first ? s : score[0];
+  idx[0] = first ? j : idx[0];
 }
 
 // Sorts v[0..count) ascending (count is small: K or 8 + K).

@@ -11,6 +11,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,14 +32,55 @@ namespace {
 
 using build_graph::GraphType;
 
-constexpr int64_t kChunk = 32;  // columns tested at once against the running K-th best
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kGroups = 32;  // interleaved column groups of topk_lower_bound
 
-// Whether any of v[0..kChunk) exceeds thr. A fixed trip count and an integer sum so that the
-// compiler turns it into a few vector compares (a bool `any |=` loop stays scalar).
-inline bool any_above(const float* v, float thr) {
-  int hits = 0;
-  for (int64_t t = 0; t < kChunk; ++t) hits += v[t] > thr ? 1 : 0;
-  return hits != 0;
+// A lower bound on the K-th largest of v[0..c). The columns form kGroups interleaved groups
+// (t % kGroups); each group's maximum is one of its elements and the groups are disjoint, so
+// at least K elements are >= the K-th largest group maximum, and anything below it cannot be
+// in the top K. Column-wise maxima vectorise; the bound then lets the scan skip most columns
+// without touching the top-K list. -inf (no bound) when K > kGroups.
+float topk_lower_bound(const float* v, int64_t c, int64_t k) {
+  if (k > kGroups) return kNegInf;
+  float m[kGroups];
+  std::fill(m, m + kGroups, kNegInf);
+  int64_t t = 0;
+  for (; t + kGroups <= c; t += kGroups) {
+    for (int l = 0; l < kGroups; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];  // no NaN kept
+  }
+  for (int l = 0; t + l < c; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];
+  // The K-th largest with multiplicity is the largest m[a] with at least K entries >= it.
+  // Counting is branch-free and vectorises; a sort or nth_element here mispredicts a lot.
+  int ge[kGroups] = {};
+  for (int b = 0; b < kGroups; ++b) {
+    const float mb = m[b];
+    for (int a = 0; a < kGroups; ++a) ge[a] += mb >= m[a] ? 1 : 0;
+  }
+  float kth = kNegInf;
+  for (int a = 0; a < kGroups; ++a) kth = (ge[a] >= k && m[a] > kth) ? m[a] : kth;
+  return kth;
+}
+
+// Writes the t in [0, c) with v[t] > thr to out, ascending; returns how many. Branch-free:
+// a data-dependent branch per column mispredicts. AVX-512 compresses 16 columns at a time.
+int64_t compact_above(const float* v, int64_t c, float thr, int32_t* out) {
+  int64_t m = 0, t = 0;
+#if defined(__AVX512F__)
+  const __m512 vthr = _mm512_set1_ps(thr);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (; t + 16 <= c; t += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + t), vthr, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(out + m, hit, idx);
+    m += __builtin_popcount(hit);
+    idx = _mm512_add_epi32(idx, step);
+  }
+#endif
+  for (; t < c; ++t) {
+    out[m] = static_cast<int32_t>(t);
+    m += v[t] > thr ? 1 : 0;
+  }
+  return m;
 }
 
 GraphType parse_graph(std::string_view graph) {
@@ -120,10 +165,11 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
     at::Tensor e = at::empty({n, C}, fopt);  // this image's normalised tokens
     at::Tensor tile = at::empty({rb * cb}, fopt);
     float* ep = e.data_ptr<float>();
-    const float* tp = tile.const_data_ptr<float>();
+    float* tp = tile.data_ptr<float>();
     std::vector<float> best_s(rb * k);
     std::vector<int32_t> best_j(rb * k);
-    std::vector<int> count(rb);
+    std::vector<int32_t> cand_buf(cb);
+    int32_t* cand = cand_buf.data();
     int64_t cur = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, i0 = (task % blocks) * rb;
@@ -134,34 +180,35 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
         if (!ok) bad_value = true;
         cur = b;
       }
-      std::fill(count.begin(), count.end(), 0);
+      // Unfilled slots hold -inf: every finite similarity beats them, so the first K
+      // candidates fill the list through the same insertion as the rest.
+      std::fill(best_s.begin(), best_s.end(), kNegInf);
+      std::fill(best_j.begin(), best_j.end(), -1);
       for (int64_t j0 = 0; j0 < n; j0 += cb) {
         const int64_t c = std::min(cb, n - j0);
         at::Tensor s = tile.narrow(0, 0, r * c).view({r, c});
         at::mm_out(s, e.narrow(0, i0, r), e.narrow(0, j0, c).t());
         for (int64_t q = 0; q < r; ++q) {
           const int64_t i = i0 + q;
-          const float* srow = tp + q * c;
+          float* srow = tp + q * c;
+          if (i >= j0 && i < j0 + c) srow[i - j0] = kNegInf;  // never its own neighbour
           float* bs = best_s.data() + q * k;
           int32_t* bj = best_j.data() + q * k;
-          int cnt = count[q];
-          // A candidate must beat the K-th best strictly: on a tie the K-th has the lower
-          // index (columns arrive ascending). Chunks with no such value are skipped with one
-          // vectorised compare, which is the common case once the list is full.
-          float thr = cnt == k ? bs[k - 1] : -std::numeric_limits<float>::infinity();
-          for (int64_t t0 = 0; t0 < c; t0 += kChunk) {
-            const int64_t te = std::min(c, t0 + kChunk);
-            if (te - t0 == kChunk && !any_above(srow + t0, thr)) continue;
-            for (int64_t t = t0; t < te; ++t) {
-              const float v = srow[t];
-              const int64_t j = j0 + t;
-              if (!(v > thr) || j == i) continue;
-              cnt = build_graph::topk_insert_ascending(bs, bj, cnt, static_cast<int>(k), v,
-                                                       static_cast<int32_t>(j));
-              if (cnt == k) thr = bs[k - 1];
-            }
+          // A candidate must beat the K-th best strictly (on a tie the K-th has the lower
+          // index: columns arrive ascending) and reach this tile's lower bound (v >= lb, i.e.
+          // v > lb_below).
+          const float lb_below = std::nextafter(topk_lower_bound(srow, c, k), kNegInf);
+          float thr = std::max(bs[k - 1], lb_below);
+          // Branch-free compaction of the columns that pass (a data-dependent branch per
+          // column mispredicts), then the few survivors go through the top-K list in order.
+          const int64_t m = compact_above(srow, c, thr, cand);
+          for (int64_t p = 0; p < m; ++p) {
+            const float v = srow[cand[p]];
+            if (!(v > thr)) continue;
+            build_graph::topk_insert_ascending(bs, bj, static_cast<int>(k), v,
+                                               static_cast<int32_t>(j0 + cand[p]));
+            thr = std::max(bs[k - 1], lb_below);
           }
-          count[q] = cnt;
         }
       }
       for (int64_t q = 0; q < r; ++q) {
