@@ -297,8 +297,9 @@ def test_lowest_three_tokens_match_reference(theta, log_sizes):
 @needs_kernel
 @pytest.mark.parametrize("n", [5, 50, 197, 577])
 def test_radix_select_equals_nth_element(n, monkeypatch):
-    """The radix select finds exactly the value std::nth_element finds: bitwise equal outputs,
-    also with many exact ties (integer logits: few distinct values per row)."""
+    """The windowed and the plain radix select find exactly the value std::nth_element finds:
+    bitwise equal outputs, also with many exact ties (integer logits: few distinct values per
+    row) and with kk = N * N - 1 (theta 1e-9)."""
     torch.manual_seed(n)
     h = 2 if n == 577 else 3
     q = torch.randint(-2, 3, (1, h, n, 4)).float()
@@ -306,11 +307,12 @@ def test_radix_select_equals_nth_element(n, monkeypatch):
     v = torch.randn(1, h, n, 8)
     for theta in (0.9, 0.6, 0.3, 1e-9):
         args = (q, k, v, None, 0.5, theta, 1, "mixed_max")
-        o_radix, s_radix = torch.ops.gtp.attention(*args)
-        monkeypatch.setenv("GTP_ATTENTION_SELECT", "nth_element")
-        o_nth, s_nth = torch.ops.gtp.attention(*args)
+        o_win, s_win = torch.ops.gtp.attention(*args)  # default: sample-windowed radix
+        for method in ("radix", "nth_element"):
+            monkeypatch.setenv("GTP_ATTENTION_SELECT", method)
+            o, s = torch.ops.gtp.attention(*args)
+            assert torch.equal(o_win, o) and torch.equal(s_win, s), method
         monkeypatch.delenv("GTP_ATTENTION_SELECT")
-        assert torch.equal(o_radix, o_nth) and torch.equal(s_radix, s_nth)
         check_against_reference(
             dict(
                 zip(
@@ -320,6 +322,25 @@ def test_radix_select_equals_nth_element(n, monkeypatch):
                 )
             )
         )
+
+
+@needs_kernel
+def test_select_window_missed(monkeypatch):
+    """The windowed select samples 1 probability in 8 (flat index). Here every sampled entry is
+    tiny (key columns j % 8 == 0 get logits ~ -20), so the sample's bracket misses rank kk and
+    the kernel must fall back to the full radix select: still exact."""
+    n = 64
+    q = torch.ones(1, 2, n, 1)
+    k = torch.randn(1, 2, n, 1)
+    k[:, :, ::8] = -20.0
+    v = torch.randn(1, 2, n, 5)
+    for theta in (0.9, 0.6, 0.3):
+        args = (q, k, v, None, 1.0, theta, 0, "colsum_max")
+        o_win, s_win = torch.ops.gtp.attention(*args)
+        monkeypatch.setenv("GTP_ATTENTION_SELECT", "nth_element")
+        o_nth, s_nth = torch.ops.gtp.attention(*args)
+        monkeypatch.delenv("GTP_ATTENTION_SELECT")
+        assert torch.equal(o_win, o_nth) and torch.equal(s_win, s_nth)
 
 
 @needs_kernel
