@@ -167,30 +167,35 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
 // The same exact result, faster on large maps: a histogram of a strided sample (1 key in 8)
 // brackets rank kk by a window of level-1 buckets, one vectorised pass counts the keys below
 // the window and compacts the keys inside it, and the radix levels run on the window only.
-// Falls back to radix_select when the window misses rank kk (rare; the bracket is +-4 sigma of
-// the sample-rank estimate plus one bucket each side).
+// Falls back to radix_select when the window misses rank kk (rare: the bracket is the buckets
+// of the sample ranks +-4 sigma around the estimate).
 float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
 #if defined(__AVX512F__)
   constexpr int64_t kStep = 8;
   if (count >= 64 * kStep) {
-    std::fill(hist, hist + 2048, 0u);
-    int64_t ns = 0;
-    for (int64_t i = 0; i < count; i += kStep, ++ns) hist[attention::prob_key(x[i]) >> 20]++;
+    std::fill(hist, hist + 4 * 2048, 0u);  // four interleaved histograms, as in radix_select
+    int64_t ns = 0, i = 0;
+    for (; i + 4 * kStep <= count; i += 4 * kStep, ns += 4) {
+      hist[attention::prob_key(x[i]) >> 20]++;
+      hist[2048 + (attention::prob_key(x[i + kStep]) >> 20)]++;
+      hist[4096 + (attention::prob_key(x[i + 2 * kStep]) >> 20)]++;
+      hist[6144 + (attention::prob_key(x[i + 3 * kStep]) >> 20)]++;
+    }
+    for (; i < count; i += kStep, ++ns) hist[attention::prob_key(x[i]) >> 20]++;
+    for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
     const double p = static_cast<double>(kk) / static_cast<double>(count);
     const double est = p * static_cast<double>(ns);
     const double margin = 4.0 * std::sqrt(static_cast<double>(ns) * p * (1.0 - p)) + 2.0;
     int64_t lo_rank = std::max<int64_t>(1, static_cast<int64_t>(est - margin));
     int64_t hi_rank = std::min<int64_t>(ns, static_cast<int64_t>(est + margin) + 1);
-    uint32_t b_lo = find_bucket(hist, 2048, lo_rank);
-    uint32_t b_hi = find_bucket(hist, 2048, hi_rank);
-    b_lo = b_lo > 0 ? b_lo - 1 : 0;
-    b_hi = std::min<uint32_t>(b_hi + 1, 2047);
+    const uint32_t b_lo = find_bucket(hist, 2048, lo_rank);
+    const uint32_t b_hi = find_bucket(hist, 2048, hi_rank);
     const uint32_t lo_key = b_lo << 20, hi_key = (b_hi + 1) << 20;  // window [lo_key, hi_key)
     const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
     const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi_key));
-    int64_t below = 0, c = 0, i = 0;
-    for (; i + 16 <= count; i += 16) {
+    int64_t below = 0, c = 0;
+    for (i = 0; i + 16 <= count; i += 16) {
       const __m512i key = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
       const __mmask16 lt = _mm512_cmplt_epu32_mask(key, vlo);
       const __mmask16 in = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt), key, vhi);
