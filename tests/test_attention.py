@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from helpers import TOL, assert_close
 
+import gtp_kernels.ops  # noqa: F401  (registers the fake kernel and autograd)
 from gtp_kernels._extension import extension_available, has_kernel
 from gtp_kernels.reference import attention as ref_attention
+from gtp_kernels.reference.attention import attention_probs, importance_score, num_masked
 
 HAS_CPU_KERNEL = extension_available() and has_kernel("attention", "CPU")
 needs_kernel = pytest.mark.skipif(
@@ -113,6 +116,295 @@ def test_log_sizes_by_hand(backend):
     want = torch.tensor([0.25, 0.5, 0.25]).expand(3, 3)
     torch.testing.assert_close(out[0, 0], want)
     torch.testing.assert_close(score, torch.tensor([[1.5, 0.75]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel vs reference on many shapes
+# ---------------------------------------------------------------------------------------------
+def timm_qkv(b, h, n, d, dtype=torch.float32, device="cpu", dv=None):
+    """q, k, v as timm makes them: strided views of one (B, N, 3, H, d) projection."""
+    if dv is None or dv == d:
+        qkv = torch.randn(b, n, 3, h, d, device=device).to(dtype)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    qk = torch.randn(b, n, 2, h, d, device=device).to(dtype).permute(2, 0, 3, 1, 4)
+    v = torch.randn(b, n, h, dv, device=device).to(dtype).transpose(1, 2)
+    return qk[0], qk[1], v
+
+
+def sample_inputs(device="cpu", dtype=torch.float32):
+    """(id, kwargs) pairs: odd sizes, batch > 1, timm strides, other strides, empty batch."""
+
+    def make(b, h, n, d, *, layout="timm", ls=True, m=1, theta=0.6, score="mixed_max", dv=None):
+        if layout == "timm":
+            q, k, v = timm_qkv(b, h, n, d, dtype, device, dv)
+        elif layout == "contiguous":
+            q, k, v = (torch.randn(b, h, n, x, device=device).to(dtype) for x in (d, d, dv or d))
+        elif layout == "transposed":  # last-dim stride != 1: the kernel packs the tile
+            q, k, v = (
+                torch.randn(b, h, x, n, device=device).to(dtype).transpose(-1, -2)
+                for x in (d, d, dv or d)
+            )
+        else:  # "expanded": stride 0 over the batch
+            q, k, v = (
+                torch.randn(1, h, n, d, device=device).to(dtype).expand(b, h, n, d)
+                for _ in range(3)
+            )
+        log_sizes = None
+        if ls:
+            log_sizes = (torch.rand(b, n, device=device) * 3 + 1).floor().log()  # sizes 1..3
+        scale = d**-0.5 if d > 0 else 1.0
+        return dict(
+            q=q,
+            k=k,
+            v=v,
+            log_sizes=log_sizes,
+            scale=scale,
+            sparsity=theta,
+            num_prefix=m,
+            score=score,
+        )
+
+    return [
+        ("tiny", make(2, 3, 5, 4, m=1, theta=0.6)),
+        ("n50_noprefix", make(3, 2, 50, 16, ls=False, m=0, score="diag_mean", theta=0.9)),
+        ("n50_2prefix", make(2, 4, 50, 8, m=2, score="cls_mean", theta=0.3)),
+        ("deit_s", make(2, 6, 197, 64, m=1, theta=0.6)),
+        ("n577_b1", make(1, 2, 577, 32, m=1, theta=0.3, score="mixed_mean")),
+        ("odd_d", make(3, 2, 37, 33, layout="contiguous", m=1, score="sum_max", theta=0.9)),
+        ("d1", make(2, 1, 23, 1, m=0, score="colsum_max", theta=0.3)),
+        ("dv_ne_d", make(2, 3, 29, 8, dv=5, m=1, score="colsum_mean")),
+        ("transposed", make(2, 2, 31, 8, layout="transposed", m=2, score="cls_max")),
+        ("expanded", make(3, 2, 17, 8, layout="expanded", m=1, score="diag_max")),
+        ("theta1", make(2, 3, 41, 16, m=1, theta=1.0)),
+        ("no_score", make(2, 3, 41, 16, m=1, score="none")),
+        ("all_prefix", make(2, 2, 6, 4, m=6, score="mixed_max")),
+        ("empty_batch", make(0, 3, 11, 8, m=1)),
+    ]
+
+
+SAMPLE_IDS = [name for name, _ in sample_inputs()]
+
+
+def _sample(name, dtype=torch.float32, **over):
+    torch.manual_seed(sum(map(ord, name)))
+    args = dict(sample_inputs("cpu", dtype))[name]
+    args.update(over)
+    return args
+
+
+def _kernel_probs(q, k, log_sizes, scale, theta):
+    """The kernel's own masked probabilities: with v = I, out = A (in the compute dtype)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, n, _ = q.shape
+    eye = torch.eye(n, dtype=compute).expand(b, h, n, n)
+    a, _ = torch.ops.gtp.attention(
+        q.to(compute), k.to(compute), eye, log_sizes, scale, theta, 0, "none"
+    )
+    return a
+
+
+def check_against_reference(args):
+    """Kernel vs reference, robust to near-ties at the threshold.
+
+    The kernel and the reference round the probabilities differently (~1e-7 relative), so an
+    entry within rounding of tau may be masked by one and kept by the other. This reads the
+    kernel's mask (v = I), checks that every disagreement with the reference's mask lies within
+    rounding of the reference's tau, then compares out and score with the reference's
+    probabilities under the kernel's mask. Returns the number of such flipped entries.
+    """
+    q, k, v, ls = args["q"], args["k"], args["v"], args["log_sizes"]
+    scale, theta, m, score = args["scale"], args["sparsity"], args["num_prefix"], args["score"]
+    out, sc = torch.ops.gtp.attention(q, k, v, ls, scale, theta, m, score)
+    expected_out, expected_score = ref_attention(q, k, v, ls, scale, theta, m, score)
+    assert out.shape == expected_out.shape and out.dtype == q.dtype
+    assert sc.shape == expected_score.shape and sc.dtype == torch.float32
+    if q.shape[0] == 0:
+        return 0
+    a_ref = attention_probs(q, k, ls, scale, 1.0)  # unmasked, compute dtype
+    n = q.shape[2]
+    kk = num_masked(n, theta)
+    flips = 0
+    if kk > 0:
+        a_k = _kernel_probs(q, k, ls, scale, theta)
+        tau = a_ref.flatten(2).kthvalue(kk, dim=-1).values[..., None, None]
+        ref_kept = a_ref >= tau
+        k_kept = a_k != 0
+        flip = (ref_kept != k_kept) & (a_ref > 0)
+        flips = int(flip.sum())
+        if flips:
+            rel = ((a_ref - tau).abs() / tau)[flip]
+            assert rel.max() <= 1e-5, f"{flips} entries flipped, up to {rel.max():.3g} from tau"
+        a_ref = a_ref * k_kept
+    ref_out = (a_ref @ v.to(a_ref.dtype)).to(q.dtype)
+    assert_close(out, ref_out, **TOL[q.dtype], name="out")
+    ref_score = importance_score(a_ref, m, score)
+    tol = dict(atol=1e-10, rtol=1e-6) if q.dtype == torch.float64 else dict(atol=1e-6, rtol=2e-5)
+    assert_close(sc, ref_score, **tol, name="score")
+    if flips == 0:  # same mask: the plain reference output agrees too
+        assert_close(out, expected_out, **TOL[q.dtype], name="out vs reference")
+        assert_close(sc, expected_score, **tol, name="score vs reference")
+    return flips
+
+
+@needs_kernel
+@pytest.mark.parametrize("theta", [1.0, 0.9, 0.6, 0.3])
+@pytest.mark.parametrize("name", SAMPLE_IDS)
+def test_kernel_vs_reference(name, theta):
+    args = _sample(name, sparsity=theta)
+    flips = check_against_reference(args)
+    # near-ties are rare on random inputs: at most a handful of entries per (b, h)
+    assert flips <= max(1, args["q"].shape[0] * args["q"].shape[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny", "n50_2prefix", "deit_s", "transposed", "dv_ne_d"])
+def test_kernel_vs_reference_dtypes(name, dtype):
+    check_against_reference(_sample(name, dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_error_vs_float64(dtype):
+    """fp16/bf16 error of the kernel at most ~2x that of the reference run in the same dtype,
+    both against a float64 run (theta = 1, so no threshold decision differs)."""
+    args = _sample("deit_s", dtype, sparsity=1.0)
+    out, _ = torch.ops.gtp.attention(*args.values())
+    ref, _ = ref_attention(*args.values())
+    a64 = dict(args, q=args["q"].double(), k=args["k"].double(), v=args["v"].double())
+    exact, _ = ref_attention(*a64.values())
+    err_k = (out.double() - exact).abs().max().item()
+    err_r = (ref.double() - exact).abs().max().item()
+    assert err_k <= 2 * err_r + 1e-6, f"kernel error {err_k:.3g}, reference error {err_r:.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("log_sizes", [False, True])
+@pytest.mark.parametrize("theta", [1.0, 0.6])
+def test_lowest_three_tokens_match_reference(theta, log_sizes):
+    """The 3 tokens GTP would propagate (lowest mixed_max score) are the reference's."""
+    torch.manual_seed(1)
+    b, h, n, d = 4, 6, 197, 64
+    q, k, v = timm_qkv(b, h, n, d)
+    ls = (torch.rand(b, n) * 3 + 1).log() if log_sizes else None
+    _, s_k = torch.ops.gtp.attention(q, k, v, ls, d**-0.5, theta, 1, "mixed_max")
+    _, s_r = ref_attention(q, k, v, ls, d**-0.5, theta, 1, "mixed_max")
+    low_k = s_k.topk(3, dim=-1, largest=False).indices.sort(-1).values
+    low_r = s_r.topk(3, dim=-1, largest=False).indices.sort(-1).values
+    assert torch.equal(low_k, low_r), f"{low_k.tolist()} != {low_r.tolist()}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [5, 50, 197, 577])
+def test_radix_select_equals_nth_element(n, monkeypatch):
+    """The windowed and the plain radix select find exactly the value std::nth_element finds:
+    bitwise equal outputs, also with many exact ties (integer logits: few distinct values per
+    row) and with kk = N * N - 1 (theta 1e-9)."""
+    torch.manual_seed(n)
+    h = 2 if n == 577 else 3
+    q = torch.randint(-2, 3, (1, h, n, 4)).float()
+    k = torch.randint(-2, 3, (1, h, n, 4)).float()
+    v = torch.randn(1, h, n, 8)
+    for theta in (0.9, 0.6, 0.3, 1e-9):
+        args = (q, k, v, None, 0.5, theta, 1, "mixed_max")
+        o_win, s_win = torch.ops.gtp.attention(*args)  # default: sample-windowed radix
+        for method in ("radix", "nth_element"):
+            monkeypatch.setenv("GTP_ATTENTION_SELECT", method)
+            o, s = torch.ops.gtp.attention(*args)
+            assert torch.equal(o_win, o) and torch.equal(s_win, s), method
+        monkeypatch.delenv("GTP_ATTENTION_SELECT")
+        check_against_reference(
+            dict(
+                zip(
+                    ["q", "k", "v", "log_sizes", "scale", "sparsity", "num_prefix", "score"],
+                    args,
+                    strict=True,
+                )
+            )
+        )
+
+
+@needs_kernel
+def test_select_window_missed(monkeypatch):
+    """The windowed select samples 1 probability in 8 (flat index). Here every sampled entry is
+    tiny (key columns j % 8 == 0 get logits ~ -20), so the sample's bracket misses rank kk and
+    the kernel must fall back to the full radix select: still exact."""
+    n = 64
+    q = torch.ones(1, 2, n, 1)
+    k = torch.randn(1, 2, n, 1)
+    k[:, :, ::8] = -20.0
+    v = torch.randn(1, 2, n, 5)
+    for theta in (0.9, 0.6, 0.3):
+        args = (q, k, v, None, 1.0, theta, 0, "colsum_max")
+        o_win, s_win = torch.ops.gtp.attention(*args)
+        monkeypatch.setenv("GTP_ATTENTION_SELECT", "nth_element")
+        o_nth, s_nth = torch.ops.gtp.attention(*args)
+        monkeypatch.delenv("GTP_ATTENTION_SELECT")
+        assert torch.equal(o_win, o_nth) and torch.equal(s_win, s_nth)
+
+
+@needs_kernel
+def test_uniform_rows_nothing_masked():
+    # q = 0: every probability is exactly 1/N == tau, so no entry is below the threshold
+    q = torch.zeros(2, 2, 13, 4)
+    k = torch.randn(2, 2, 13, 4)
+    v = torch.randn(2, 2, 13, 4)
+    out, _ = torch.ops.gtp.attention(q, k, v, None, 1.0, 0.3, 1, "none")
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(v))
+
+
+@needs_kernel
+def test_output_layout_and_empty():
+    q, k, v = timm_qkv(2, 6, 19, 8)
+    out, score = torch.ops.gtp.attention(q, k, v, None, 0.3, 0.6, 1, "mixed_max")
+    # (B, H, N, d) with (B, N, H, d) memory: timm's transpose(1, 2).reshape is free
+    assert out.transpose(1, 2).is_contiguous()
+    assert score.shape == (2, 18)
+    q, k, v = timm_qkv(0, 6, 19, 8)
+    out, score = torch.ops.gtp.attention(q, k, v, None, 0.3, 0.6, 1, "mixed_max")
+    assert out.shape == (0, 6, 19, 8) and score.shape == (0, 18)
+    out, score = torch.ops.gtp.attention(q, k, v, None, 0.3, 0.6, 1, "none")
+    assert score.shape == (0, 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "name",
+    ["tiny", "n50_2prefix", "transposed", "dv_ne_d", "no_score", "empty_batch", "all_prefix"],
+)
+def test_opcheck(name):
+    args = _sample(name)
+    if name == "empty_batch":  # opcheck's own input cloning fails on empty strided views
+        args.update({t: torch.randn(args[t].shape) for t in ("q", "k", "v")})
+    torch.library.opcheck(torch.ops.gtp.attention, tuple(args.values()))
+
+
+@needs_kernel
+def test_no_backward():
+    import gtp_kernels.ops as ops
+
+    q, k, v = (t.requires_grad_() for t in timm_qkv(1, 2, 9, 4))
+    out, score = ops.attention(q, k, v, None, 0.5, 0.6, 1, "mixed_max", backend="cpu")
+    assert out.requires_grad  # forward works on inputs that require grad (plain inference)
+    with pytest.raises(RuntimeError, match="inference only"):
+        out.sum().backward()
+    out, _ = ops.attention(q, k, v, None, 0.5, 0.6, 1, "mixed_max", backend="reference")
+    out.sum().backward()  # the reference is differentiable
+    assert q.grad is not None
+
+
+def test_wrapper_backends():
+    import gtp_kernels.ops as ops
+
+    args = tuple(_sample("tiny").values())
+    out_r, s_r = ops.attention(*args, backend="reference")
+    out_a, s_a = ops.attention(*args)  # auto: the kernel when built, else the reference
+    torch.testing.assert_close(out_a, out_r)
+    torch.testing.assert_close(s_a, s_r)
+    with pytest.raises(RuntimeError, match="needs tensors on cuda"):
+        ops.attention(*args, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.attention(*args, backend="gpu")
 
 
 BAD = [
