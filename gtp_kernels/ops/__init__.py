@@ -3,5 +3,6 @@ kernel, autograd and backend choice; every wrapper takes `backend="auto" | "cpu"
 "triton" | "reference"`."""
 
 from gtp_kernels.ops._backend import BACKENDS, resolve_backend
+from gtp_kernels.ops.propagate import propagate
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "propagate", "resolve_backend"]
