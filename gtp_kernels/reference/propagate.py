@@ -18,8 +18,13 @@ def check_propagate_args(
     alpha: float,
     num_prefix: int,
     sizes: torch.Tensor | None,
+    *,
+    values: bool = True,
 ) -> None:
-    """Same checks, same messages as the C++ kernel (the errors name the argument)."""
+    """Same checks, same messages as the C++ kernel (the errors name the argument).
+
+    values=False skips the checks that read tensor data (index and keep entries), for fake
+    tensors."""
     if x.dim() != 3:
         raise ValueError(f"{_OP}: x must have 3 dimensions, got shape {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -67,6 +72,8 @@ def check_propagate_args(
             )
     if math.isnan(alpha):
         raise ValueError(f"{_OP}: alpha must not be NaN")
+    if not values:
+        return
     if index.numel() > 0 and bool(((index < -1) | (index >= n)).any()):
         raise ValueError(f"{_OP}: index entries must be in [-1, n) = [-1, {n}), got out of range")
     if keep.numel() > 0:
@@ -137,12 +144,14 @@ def propagate(
     def summarise(t: torch.Tensor) -> torch.Tensor:
         # t: (B, N, C) -> (B, M + R, C) in the compute dtype.
         img = t[:, num_prefix:]
+        out = _gather_rows(img, keep)
+        if alpha == 0:  # plain pruning: nothing is added (not even 0 * inf)
+            return torch.cat([t[:, :num_prefix], out], dim=1)
         acc = torch.zeros(b, kept, t.shape[-1], dtype=t.dtype, device=t.device)
         for s in range(width):  # slot by slot: memory O(B R C), no (B, R, W, C) temporary
             contrib = rows_weight[:, :, s, None].to(t.dtype) * _gather_rows(img, nbr[:, :, s])
             acc = acc + torch.where(absorbs[:, :, s, None], contrib, 0)
-        out = _gather_rows(img, keep) + alpha * acc
-        return torch.cat([t[:, :num_prefix], out], dim=1)
+        return torch.cat([t[:, :num_prefix], out + alpha * acc], dim=1)
 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_out = summarise(x.to(compute)).to(x.dtype)

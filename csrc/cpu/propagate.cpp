@@ -1,0 +1,253 @@
+// propagate on CPU (SPEC 4): kept image tokens absorb their propagated graph neighbours, the
+// propagated tokens are removed, and the graph shrinks to the survivors.
+//
+// Two passes. (1) Per image, the old -> new position map (n int32, new_pos[keep[r]] = r, -1 for
+// a propagated token), which also checks keep for range and duplicates. (2) Per output row
+// (batch x (prefix + kept)): the graph row is re-indexed through the map and, in the same walk
+// over its slots, counts the slots whose neighbour is propagated. Most kept rows absorb
+// nothing (P W / n slots a row on average), so they are a plain row copy; the others
+// accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel buffer, which
+// vectorises over channels, then write x_i + alpha * acc in x's dtype. The map is the only
+// scratch memory: B * n int32, never an n x n matrix.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/propagate.h"
+
+namespace gtp {
+namespace {
+
+#define OP "gtp.propagate"
+
+// Element <-> accumulator conversions written so that the channel loops vectorise (the c10
+// conversions go through a scalar call per element for Half).
+template <typename T>
+struct Cvt {
+  using acc_t = float;
+  static inline float load(T v) { return static_cast<float>(v); }
+  static inline T store(float v) { return static_cast<T>(v); }
+};
+
+template <>
+struct Cvt<double> {
+  using acc_t = double;
+  static inline double load(double v) { return v; }
+  static inline double store(double v) { return v; }
+};
+
+template <>
+struct Cvt<c10::BFloat16> {
+  using acc_t = float;
+  static inline float load(c10::BFloat16 v) {
+    return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  }
+  // Round to nearest even, NaN -> the canonical quiet NaN (as c10::BFloat16(float) does).
+  static inline c10::BFloat16 store(float f) {
+    const uint32_t u = std::bit_cast<uint32_t>(f);
+    const uint16_t r = f != f ? uint16_t{0x7fc0}
+                              : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return c10::BFloat16(r, c10::BFloat16::from_bits());
+  }
+};
+
+#if defined(__FLT16_MAX__)
+template <>
+struct Cvt<c10::Half> {
+  using acc_t = float;
+  // _Float16 <-> float compile to (vector) vcvtph2ps / vcvtps2ph with F16C, round to nearest.
+  static inline float load(c10::Half v) { return static_cast<float>(std::bit_cast<_Float16>(v.x)); }
+  static inline c10::Half store(float f) {
+    return c10::Half(std::bit_cast<uint16_t>(static_cast<_Float16>(f)), c10::Half::from_bits());
+  }
+};
+#endif
+
+struct Args {
+  int64_t batch, big_n, channels, prefix, n, kept, width;
+  int64_t sx0, sx1;  // x strides (elements); the channel stride is 1
+  double alpha;
+  const int32_t* index;
+  const float* weight;
+  const int64_t* keep;
+  const float* sizes;  // nullptr when sizes is None
+  const int32_t* new_pos;
+  int32_t* index_out;
+  float* weight_out;
+  float* sizes_out;
+};
+
+template <typename scalar_t>
+void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic<int>& err) {
+  using C = Cvt<scalar_t>;
+  using acc_t = typename C::acc_t;
+  const int64_t rows_out = a.prefix + a.kept;
+  const int64_t ch = a.channels;
+  const acc_t alpha = static_cast<acc_t>(a.alpha);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (ch + a.width + 1));
+  at::parallel_for(0, a.batch * rows_out, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc;  // channel accumulator, allocated once per chunk if needed
+    int local_err = 0;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / rows_out;
+      const int64_t o = t % rows_out;
+      scalar_t* dst = out + t * ch;
+      const scalar_t* xb = x + b * a.sx0;
+      if (o < a.prefix) {  // prefix tokens pass through
+        std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
+        if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
+        continue;
+      }
+      const int64_t r = o - a.prefix;
+      const int64_t i = a.keep[b * a.kept + r];  // in [0, n): checked in pass 1
+      const int32_t* new_pos = a.new_pos + b * a.n;
+      const int32_t* idx = a.index + (b * a.n + i) * a.width;
+      const float* w = a.weight + (b * a.n + i) * a.width;
+      const int64_t absorbed =
+          propagate::reindex_row(idx, w, a.width, new_pos, a.n, a.index_out + (b * a.kept + r) * a.width,
+                                 a.weight_out + (b * a.kept + r) * a.width, &local_err);
+      const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
+      const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
+      if (absorbed == 0 || a.alpha == 0.0) {  // plain pruning: copy the kept row
+        std::memcpy(dst, xi, ch * sizeof(scalar_t));
+        if (sb) a.sizes_out[t] = sb[i];
+        continue;
+      }
+      if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
+      acc_t* ac = acc.data();
+      float sacc = 0.0f;
+      bool first = true;
+      for (int64_t s = 0; s < a.width; ++s) {
+        const int32_t j = idx[s];
+        if (j < 0 || j >= a.n || new_pos[j] >= 0) continue;
+        const scalar_t* xj = xb + (a.prefix + j) * a.sx1;
+        const acc_t wv = static_cast<acc_t>(w[s]);
+        if (first) {
+          for (int64_t c = 0; c < ch; ++c) ac[c] = wv * C::load(xj[c]);
+          first = false;
+        } else {
+          for (int64_t c = 0; c < ch; ++c) ac[c] += wv * C::load(xj[c]);
+        }
+        if (sb) sacc += w[s] * sb[j];
+      }
+      for (int64_t c = 0; c < ch; ++c) dst[c] = C::store(C::load(xi[c]) + alpha * ac[c]);
+      if (sb) a.sizes_out[t] = sb[i] + static_cast<float>(a.alpha) * sacc;
+    }
+    if (local_err) err.fetch_or(local_err, std::memory_order_relaxed);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
+    const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& keep,
+    double alpha, int64_t num_prefix, const std::optional<at::Tensor>& sizes) {
+  GTP_CHECK_DIM(OP, x, "x", 3);
+  GTP_CHECK_FLOATING(OP, x, "x");
+  const int64_t batch = x.size(0), big_n = x.size(1), channels = x.size(2);
+  TORCH_CHECK(num_prefix >= 0 && num_prefix <= big_n, OP ": num_prefix must be in [0, N] = [0, ",
+              big_n, "], got ", num_prefix);
+  const int64_t n = big_n - num_prefix;
+  GTP_CHECK_DIM(OP, index, "index", 3);
+  GTP_CHECK_DTYPE(OP, index, "index", at::kInt);
+  TORCH_CHECK(index.size(0) == batch && index.size(1) == n,
+              OP ": index must have shape (B, N - num_prefix, W) = (", batch, ", ", n,
+              ", W), got ", index.sizes());
+  GTP_CHECK_DTYPE(OP, weight, "weight", at::kFloat);
+  TORCH_CHECK(weight.sizes() == index.sizes(), OP ": weight must have the shape of index ",
+              index.sizes(), ", got ", weight.sizes());
+  GTP_CHECK_DIM(OP, keep, "keep", 2);
+  GTP_CHECK_DTYPE(OP, keep, "keep", at::kLong);
+  const int64_t kept = keep.size(1);
+  TORCH_CHECK(keep.size(0) == batch && kept <= n && (n == 0 || kept >= 1),
+              OP ": keep must have shape (B, n - P) with B = ", batch,
+              " and 1 <= n - P <= n = ", n, ", got ", keep.sizes());
+  if (sizes.has_value()) {
+    GTP_CHECK_DTYPE(OP, (*sizes), "sizes", at::kFloat);
+    TORCH_CHECK(sizes->dim() == 2 && sizes->size(0) == batch && sizes->size(1) == big_n,
+                OP ": sizes must have shape (B, N) = (", batch, ", ", big_n, "), got ",
+                sizes->sizes());
+  }
+  GTP_CHECK_SAME_DEVICE(OP, x, "x", index, "index");
+  GTP_CHECK_SAME_DEVICE(OP, x, "x", weight, "weight");
+  GTP_CHECK_SAME_DEVICE(OP, x, "x", keep, "keep");
+  if (sizes.has_value()) GTP_CHECK_SAME_DEVICE(OP, x, "x", (*sizes), "sizes");
+  // (GTP_CHECK_DEVICE_TYPE cannot be used: its parameter `type` also rewrites `.type()`.)
+  TORCH_CHECK(x.device().is_cpu(), OP ": x must be on cpu, got ", x.device());
+  TORCH_CHECK(!std::isnan(alpha), OP ": alpha must not be NaN");
+
+  const int64_t width = index.size(2);
+  const int64_t rows_out = num_prefix + kept;
+  at::Tensor x_out = at::empty({batch, rows_out, channels}, x.options());
+  at::Tensor sizes_out = sizes.has_value() ? at::empty({batch, rows_out}, x.options().dtype(at::kFloat))
+                                           : at::empty({0}, x.options().dtype(at::kFloat));
+  at::Tensor index_out = at::empty({batch, kept, width}, index.options());
+  at::Tensor weight_out = at::empty({batch, kept, width}, weight.options());
+  if (batch == 0) return {x_out, sizes_out, index_out, weight_out};
+
+  // Channels must be unit-stride for the row copies; batch and token strides are free.
+  const at::Tensor xc = x.stride(2) == 1 || channels <= 1 ? x : x.contiguous();
+  const at::Tensor ic = index.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor kc = keep.contiguous();
+  const at::Tensor sc = sizes.has_value() ? sizes->contiguous() : at::Tensor();
+  at::Tensor new_pos = at::empty({batch, n}, index.options());
+
+  Args a{};
+  a.batch = batch;
+  a.big_n = big_n;
+  a.channels = channels;
+  a.prefix = num_prefix;
+  a.n = n;
+  a.kept = kept;
+  a.width = width;
+  a.sx0 = xc.stride(0);
+  a.sx1 = xc.stride(1);
+  a.alpha = alpha;
+  a.index = ic.data_ptr<int32_t>();
+  a.weight = wc.data_ptr<float>();
+  a.keep = kc.data_ptr<int64_t>();
+  a.sizes = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  a.new_pos = new_pos.data_ptr<int32_t>();
+  a.index_out = index_out.data_ptr<int32_t>();
+  a.weight_out = weight_out.data_ptr<float>();
+  a.sizes_out = sc.defined() ? sizes_out.data_ptr<float>() : nullptr;
+
+  // Pass 1: position maps (and the keep checks).
+  std::atomic<int> err{0};
+  int32_t* maps = new_pos.data_ptr<int32_t>();
+  at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / (n + 1)), [&](int64_t b0, int64_t b1) {
+    int e = 0;
+    for (int64_t b = b0; b < b1; ++b)
+      e |= propagate::build_position_map(a.keep + b * kept, kept, n, maps + b * n);
+    if (e) err.fetch_or(e, std::memory_order_relaxed);
+  });
+  TORCH_CHECK(!(err.load() & propagate::kBadKeep), OP ": keep entries must be in [0, n) = [0, ",
+              n, "), got out of range");
+  TORCH_CHECK(!(err.load() & propagate::kDupKeep), OP ": keep has duplicate entries in a row");
+
+  // Pass 2: output rows and the re-indexed graph.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
+    propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
+  });
+  TORCH_CHECK(!(err.load() & propagate::kBadIndex), OP ": index entries must be in [-1, n) = [-1, ",
+              n, "), got out of range");
+  return {x_out, sizes_out, index_out, weight_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gtp, CPU, m) { m.impl("propagate", &propagate_cpu); }
+
+}  // namespace gtp
