@@ -318,6 +318,15 @@ def test_track_sources():
     # pruning: every remaining token is exactly one original patch, all different
     assert ((s == 0) | (s == 1)).all() and (s.sum(-1) == 1).all()
     assert (s.sum(1) <= 1).all()
+    model.gtp.propagation = "mean"
+    with torch.no_grad():
+        model(x)
+    s = model.gtp.last_sources
+    assert s.shape == (2, 36 - 12, 36)
+    # the appended mean tokens are averages of the pruned rows: every row still sums to 1
+    assert_close(s.sum(-1), torch.ones(2, 24), atol=1e-6, rtol=0, name="row sums")
+    assert_close(s[:, -1].sum(-1), torch.ones(2), atol=1e-6, rtol=0, name="mean row")
+    assert (s[:, -1] > 0).sum(-1).min() > 1
     model.gtp.propagation = "graph"
     model.gtp.alpha = 0.5
     with torch.no_grad():

@@ -30,7 +30,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from gtp_kernels import ops, reference
+from gtp_kernels import ops
 
 __all__ = ["GTPSettings", "SELECTIONS", "timm", "remove", "is_patched"]
 
@@ -320,11 +320,12 @@ def _propagate(
     keep, prop = ops.select_tokens(score, P, backend=cfg.backend)
     alpha = float(cfg.alpha) if cfg.propagation == "graph" else 0.0
     index, weight = state.index, state.weight
-    if state.sources is not None:
-        state.sources = _op_propagate(
-            state.sources, index, weight, keep, alpha, 0, None, backend=cfg.backend
+    sources = state.sources  # (B, n, n0), rows in the current image-token positions
+    if sources is not None:
+        state.sources = ops.propagate(
+            sources, index, weight, keep, alpha, 0, None, backend=cfg.backend
         )[0]
-    x_out, sizes_out, index_out, weight_out = _op_propagate(
+    x_out, sizes_out, index_out, weight_out = ops.propagate(
         x, index, weight, keep, alpha, M, state.sizes, backend=cfg.backend
     )
     if cfg.propagation == "mean":
@@ -335,8 +336,8 @@ def _propagate(
         if state.sizes is not None:
             s_p = state.sizes[:, M:].gather(1, prop).sum(dim=1, keepdim=True)
             sizes_out = torch.cat([sizes_out, s_p], dim=1)
-        if state.sources is not None:
-            src_p = state.sources.gather(1, prop[:, :, None].expand(B, P, state.sources.shape[2]))
+        if sources is not None:
+            src_p = sources.gather(1, prop[:, :, None].expand(B, P, sources.shape[2]))
             state.sources = torch.cat([state.sources, src_p.mean(dim=1, keepdim=True)], dim=1)
         W = index_out.shape[2]
         index_out = torch.cat([index_out, index_out.new_full((B, 1, W), -1)], dim=1)
@@ -345,15 +346,6 @@ def _propagate(
         state.sizes = sizes_out
     state.index, state.weight = index_out, weight_out
     return x_out
-
-
-def _op_propagate(*args: Any, backend: str) -> tuple[torch.Tensor, ...]:
-    # gtp_kernels.ops.propagate (the public wrapper) when it exists; until wt-propagate's
-    # wrapper is merged, its pure-torch reference (same signature, no backend choice).
-    fn = getattr(ops, "propagate", None)
-    if fn is None:
-        return reference.propagate(*args)
-    return fn(*args, backend=backend)
 
 
 _CLASSES: dict[type, type] = {}
