@@ -487,6 +487,23 @@ def test_unsupported_models():
     gp.timm(model, num_prop=1)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         model(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(17, 17))
+    dropping = VisionTransformer(patch_drop_rate=0.5, **kw).train()
+    gp.timm(dropping, num_prop=1)
+    with pytest.raises(ValueError, match="do not form the 4 x 4 patch grid"):
+        dropping(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("propagation", ["graph", "mean"])
+def test_without_token_scale_and_in_bfloat16(propagation):
+    model, x = _make("deit_tiny")
+    gp.timm(model, num_prop=4, token_scale=False, propagation=propagation)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.isfinite(out).all()
+        model.to(torch.bfloat16)
+        model.gtp.token_scale = True
+        half = model(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
 
 
 @pytest.mark.skipif(not _all_kernels(), reason="torch.ops.gtp lacks a CPU kernel of some op")
