@@ -473,6 +473,9 @@ def test_errors_at_forward_time():
     model.gtp.num_neighbours = 40
     with pytest.raises(ValueError, match="num_neighbours=40"):
         model(x)
+    model.gtp.graph = "spatial"  # K is not used by the spatial graph: no limit
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
 
 
 def test_unsupported_models():

@@ -75,7 +75,13 @@ class GTPSettings:
     track_sources: also propagate a (B, n_left, n0) float32 matrix S (S = I at the start) with
         the same rule as the tokens, S' = S_kept + alpha * W S_prop: row r says which original
         patches the r-th remaining image token absorbed, with what weight. A visualisation aid
-        (dense, n0 = patches of the input); stored in `last_sources` after each forward.
+        (dense, n0 = patches of the input); stored in `last_sources` after each forward
+        (None when off).
+
+    torch.compile(model, fullgraph=True) traces the patched forward (no .item(), no
+    data-dependent branches; settings are Python constants, so changing them recompiles) with
+    the compiled ops. Not covered: backend="reference" (its input checks read tensor values)
+    and selection="random" (a torch.Generator is created in the forward).
     """
 
     num_prop: int | tuple[int, ...] = 8
@@ -237,8 +243,10 @@ def gtp_blocks(
                 f"{_NAME}: num_neighbours={K} is larger than the {n} image tokens allow "
                 f"(at most {n - 1})"
             )
+        # K means nothing to the spatial graph (width 8); pass 0 so no K limit applies there.
+        k_graph = 0 if cfg.graph == "spatial" else K
         state.index, state.weight = ops.build_graph(
-            x[:, M:], h, w, K, cfg.graph, backend=cfg.backend
+            x[:, M:], h, w, k_graph, cfg.graph, backend=cfg.backend
         )
         if cfg.selection == "random":
             state.generator = torch.Generator(device=x.device)
