@@ -530,3 +530,24 @@ def test_torch_compile_fullgraph_cpu_backend():
                 )
             raise
     assert_close(out, expected, atol=1e-5, rtol=1e-5, name="compiled")
+
+
+def test_pickle_and_deepcopy_keep_the_patch():
+    import copy
+    import io
+
+    model, x = _make("deit_tiny")
+    gp.timm(model, num_prop=3, alpha=0.3)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(x)
+        for other in (loaded, copied):
+            assert type(other) is type(model) and other.gtp == model.gtp
+            assert other.gtp is not model.gtp
+            assert torch.equal(other(x), expected)
+    gp.remove(loaded)
+    assert type(loaded) is type(gp.remove(model))

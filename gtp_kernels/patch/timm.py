@@ -205,6 +205,16 @@ class _GTPMixin:
         x = gtp_blocks(self.blocks, x, self.num_prefix_tokens, grid, cfg)
         return self.norm(x)
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # The patched class is made at run time, so pickle (torch.save(model), deepcopy) names
+        # the timm class instead and re-creates the patched class when loading.
+        return (_new_patched, (self._gtp_base_class,), self.__dict__.copy())
+
+
+def _new_patched(base: type) -> Any:
+    cls = _patched_class(base)
+    return cls.__new__(cls)
+
 
 def _grid_size(patch_embed: Any, x: torch.Tensor, img_hw: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of the patch grid: from the NHWC feature map (dynamic_img_size), else from the
