@@ -117,8 +117,15 @@ def test_off_equals_unpatched_and_remove_restores(name):
         assert torch.equal(model(x), expected)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("propagation", ["graph", "none", "mean"])
+# every model with graph propagation; pruning and 'mean' on the prefix-token variety only
+RUNS = [(name, "graph") for name in MODELS] + [
+    (name, prop)
+    for name in ("deit_small_distilled", "vit_medium_gap", "vit_medium_reg4_gap", "custom_dynamic")
+    for prop in ("none", "mean")
+]
+
+
+@pytest.mark.parametrize("name, propagation", RUNS)
 def test_gtp_runs_and_removes_tokens(name, propagation):
     model, x = _make(name)
     gp.timm(model, num_prop=3, sparsity=0.7, propagation=propagation, num_neighbours=4)
