@@ -329,3 +329,13 @@ def test_many_exact_ties_large(backend):
         # float64 oracle: a stable descending sort puts the lower index first among ties
         top = torch.sort(sim, dim=-1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(index[0].long(), top.sort(dim=-1).values), f"K={k}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [0, 4])
+def test_zero_tokens_tie_everywhere(backend, channels):
+    # x / max(||x||, 1e-12) = 0: every similarity is 0, so each row takes the K lowest j != i
+    index, weight = run(backend, torch.zeros(2, 6, channels), 2, 3, 2, "semantic")
+    expected = [[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1]]
+    assert rows(index[0]) == expected and rows(index[1]) == expected
+    assert (weight == 0.5).all()

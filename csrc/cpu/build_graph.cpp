@@ -1,11 +1,14 @@
 // build_graph on CPU (SPEC 1): spatial / semantic / mixed token graph in ELL form.
 //
-// The semantic part never holds an n x n similarity matrix. Per task (one image, one block of
-// rb rows) the image's tokens are L2-normalised once into a float32 (n, C) buffer, then
-// similarities are computed tile by tile (rb x cb, one GEMM each) and every row keeps a running
-// top-K (csrc/common/build_graph.h). Columns arrive in ascending order, so a candidate that
-// only ties the current K-th best loses (the lower index wins) without further work.
-// A second pass turns out-degrees into weights 1 / sqrt(d_i d_j), which needs every row done.
+// Semantic part, per task (one image, one block of rb rows): the image's tokens are
+// L2-normalised once into a float32 (n, C) buffer, then similarities are computed one
+// rb x cb tile at a time (one GEMM each; rb <= n, cb <= 512, so a thread holds at most one
+// tile, never a (B, n, n) similarity) and every row keeps a running top-K
+// (csrc/common/build_graph.h). Per row and tile, a cheap lower bound on the K-th best
+// (group maxima) plus a branch-free compaction leave only a handful of columns to insert.
+// Columns arrive in ascending order, so a candidate that only ties the current K-th best
+// loses (the lower index wins) with a plain `>`. A second pass turns out-degrees into
+// weights 1 / sqrt(d_i d_j), which needs every row of the image done.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
