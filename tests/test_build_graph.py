@@ -339,3 +339,20 @@ def test_zero_tokens_tie_everywhere(backend, channels):
     expected = [[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1]]
     assert rows(index[0]) == expected and rows(index[1]) == expected
     assert (weight == 0.5).all()
+
+
+@needs_kernel
+def test_kernel_matches_reference_random_shapes():
+    for _ in range(60):
+        h, w = (int(v) for v in torch.randint(1, 13, (2,)))
+        n = h * w
+        b = int(torch.randint(0, 4, (1,)))
+        c = int(torch.randint(1, 40, (1,)))
+        k = int(torch.randint(0, n, (1,)))
+        graph = ["spatial", "semantic", "mixed"][int(torch.randint(0, 3, (1,)))]
+        x = torch.randn(b, n, c)
+        ref = ref_build_graph(x, h, w, k, graph)
+        out = torch.ops.gtp.build_graph(x, h, w, k, graph)
+        name = f"B={b} {h}x{w} C={c} K={k} {graph}"
+        assert_close(out[0], ref[0], name=f"index {name}")
+        assert_close(out[1], ref[1], name=f"weight {name}")
