@@ -119,6 +119,8 @@ bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
   double sumsq = 0.0;
   for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
   if (!std::isfinite(sumsq)) return false;
+  // Divide, as the reference does: x * (1 / ||x||) is cheaper but off by an ulp, which breaks
+  // exact ties such as C = 1 tokens (x / |x| = +-1 exactly, x * (1 / |x|) not always).
   const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
   for (c = 0; c < C; ++c) e[c] /= denom;
   return true;
