@@ -141,3 +141,19 @@ def test_wrapper_backends():
     for b in ("auto", "cpu"):
         out = select_tokens(score, 9, backend=b)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@needs_kernel
+def test_kernel_matches_reference_fuzz_ties():
+    # small integer scores with +-0.0 and +-inf: ties everywhere, both signs of zero
+    for _ in range(200):
+        b = int(torch.randint(1, 5, (1,)))
+        n = int(torch.randint(1, 60, (1,)))
+        score = torch.randint(-3, 4, (b, n)).float()
+        score[score == 3] = float("inf")
+        score[score == -3] = float("-inf")
+        score = score * torch.where(torch.rand(b, n) < 0.5, -1.0, 1.0)
+        p = int(torch.randint(0, n, (1,)))
+        k, q = torch.ops.gtp.select_tokens(score, p)
+        rk, rq = ref_select_tokens(score, p)
+        assert torch.equal(k, rk) and torch.equal(q, rq), (score, p)

@@ -1,11 +1,14 @@
 // build_graph on CPU (SPEC 1): spatial / semantic / mixed token graph in ELL form.
 //
-// The semantic part never holds an n x n similarity matrix. Per task (one image, one block of
-// rb rows) the image's tokens are L2-normalised once into a float32 (n, C) buffer, then
-// similarities are computed tile by tile (rb x cb, one GEMM each) and every row keeps a running
-// top-K (csrc/common/build_graph.h). Columns arrive in ascending order, so a candidate that
-// only ties the current K-th best loses (the lower index wins) without further work.
-// A second pass turns out-degrees into weights 1 / sqrt(d_i d_j), which needs every row done.
+// Semantic part, per task (one image, one block of rb rows): the image's tokens are
+// L2-normalised once into a float32 (n, C) buffer, then similarities are computed one
+// rb x cb tile at a time (one GEMM each; rb <= n, cb <= 512, so a thread holds at most one
+// tile, never a (B, n, n) similarity) and every row keeps a running top-K
+// (csrc/common/build_graph.h). Per row and tile, a cheap lower bound on the K-th best
+// (group maxima) plus a branch-free compaction leave only a handful of columns to insert.
+// Columns arrive in ascending order, so a candidate that only ties the current K-th best
+// loses (the lower index wins) with a plain `>`. A second pass turns out-degrees into
+// weights 1 / sqrt(d_i d_j), which needs every row of the image done.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,32 +36,38 @@ namespace {
 using build_graph::GraphType;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int kGroups = 32;  // interleaved column groups of topk_lower_bound
-
-// A lower bound on the K-th largest of v[0..c). The columns form kGroups interleaved groups
-// (t % kGroups); each group's maximum is one of its elements and the groups are disjoint, so
-// at least K elements are >= the K-th largest group maximum, and anything below it cannot be
-// in the top K. Column-wise maxima vectorise; the bound then lets the scan skip most columns
-// without touching the top-K list. -inf (no bound) when K > kGroups.
-float topk_lower_bound(const float* v, int64_t c, int64_t k) {
-  if (k > kGroups) return kNegInf;
-  float m[kGroups];
-  std::fill(m, m + kGroups, kNegInf);
+// A lower bound on the K-th largest of v[0..c). The columns form G interleaved groups
+// (t % G); each group's maximum is one of its elements and the groups are disjoint, so at
+// least K elements are >= the K-th largest group maximum, and anything below it cannot be in
+// the top K. Column-wise maxima vectorise; the bound then lets most columns skip the top-K
+// list. G is a template argument so that the fixed-size loops vectorise.
+template <int G>
+float group_max_bound(const float* v, int64_t c, int64_t k) {
+  float m[G];
+  std::fill(m, m + G, kNegInf);
   int64_t t = 0;
-  for (; t + kGroups <= c; t += kGroups) {
-    for (int l = 0; l < kGroups; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];  // no NaN kept
+  for (; t + G <= c; t += G) {
+    for (int l = 0; l < G; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];  // no NaN kept
   }
   for (int l = 0; t + l < c; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];
   // The K-th largest with multiplicity is the largest m[a] with at least K entries >= it.
   // Counting is branch-free and vectorises; a sort or nth_element here mispredicts a lot.
-  int ge[kGroups] = {};
-  for (int b = 0; b < kGroups; ++b) {
+  int ge[G] = {};
+  for (int b = 0; b < G; ++b) {
     const float mb = m[b];
-    for (int a = 0; a < kGroups; ++a) ge[a] += mb >= m[a] ? 1 : 0;
+    for (int a = 0; a < G; ++a) ge[a] += mb >= m[a] ? 1 : 0;
   }
   float kth = kNegInf;
-  for (int a = 0; a < kGroups; ++a) kth = (ge[a] >= k && m[a] > kth) ? m[a] : kth;
+  for (int a = 0; a < G; ++a) kth = (ge[a] >= k && m[a] > kth) ? m[a] : kth;
   return kth;
+}
+
+// About 2K groups give a bound near the K-th largest at little cost; -inf (no bound) for K > 64.
+float topk_lower_bound(const float* v, int64_t c, int64_t k) {
+  if (k <= 16) return group_max_bound<32>(v, c, k);
+  if (k <= 32) return group_max_bound<64>(v, c, k);
+  if (k <= 64) return group_max_bound<128>(v, c, k);
+  return kNegInf;
 }
 
 // Writes the t in [0, c) with v[t] > thr to out, ascending; returns how many. Branch-free:
@@ -110,6 +119,8 @@ bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
   double sumsq = 0.0;
   for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
   if (!std::isfinite(sumsq)) return false;
+  // Divide, as the reference does: x * (1 / ||x||) is cheaper but off by an ulp, which breaks
+  // exact ties such as C = 1 tokens (x / |x| = +-1 exactly, x * (1 / |x|) not always).
   const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
   for (c = 0; c < C; ++c) e[c] /= denom;
   return true;
