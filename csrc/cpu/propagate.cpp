@@ -116,9 +116,10 @@ void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic
       const int32_t* new_pos = a.new_pos + b * a.n;
       const int32_t* idx = a.index + (b * a.n + i) * a.width;
       const float* w = a.weight + (b * a.n + i) * a.width;
+      const int64_t row_out = (b * a.kept + r) * a.width;
       const int64_t absorbed =
-          propagate::reindex_row(idx, w, a.width, new_pos, a.n, a.index_out + (b * a.kept + r) * a.width,
-                                 a.weight_out + (b * a.kept + r) * a.width, &local_err);
+          propagate::reindex_row(idx, w, a.width, new_pos, a.n, a.index_out + row_out,
+                                 a.weight_out + row_out, &local_err);
       const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
       const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
       if (absorbed == 0 || a.alpha == 0.0) {  // plain pruning: copy the kept row
@@ -160,21 +161,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
               big_n, "], got ", num_prefix);
   const int64_t n = big_n - num_prefix;
   GTP_CHECK_DIM(OP, index, "index", 3);
-  GTP_CHECK_DTYPE(OP, index, "index", at::kInt);
+  TORCH_CHECK(index.scalar_type() == at::kInt, OP ": index must be int32, got ",
+              index.scalar_type());
   TORCH_CHECK(index.size(0) == batch && index.size(1) == n,
               OP ": index must have shape (B, N - num_prefix, W) = (", batch, ", ", n,
               ", W), got ", index.sizes());
-  GTP_CHECK_DTYPE(OP, weight, "weight", at::kFloat);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, OP ": weight must be float32, got ",
+              weight.scalar_type());
   TORCH_CHECK(weight.sizes() == index.sizes(), OP ": weight must have the shape of index ",
               index.sizes(), ", got ", weight.sizes());
   GTP_CHECK_DIM(OP, keep, "keep", 2);
-  GTP_CHECK_DTYPE(OP, keep, "keep", at::kLong);
+  TORCH_CHECK(keep.scalar_type() == at::kLong, OP ": keep must be int64, got ", keep.scalar_type());
   const int64_t kept = keep.size(1);
   TORCH_CHECK(keep.size(0) == batch && kept <= n && (n == 0 || kept >= 1),
               OP ": keep must have shape (B, n - P) with B = ", batch,
               " and 1 <= n - P <= n = ", n, ", got ", keep.sizes());
   if (sizes.has_value()) {
-    GTP_CHECK_DTYPE(OP, (*sizes), "sizes", at::kFloat);
+    TORCH_CHECK(sizes->scalar_type() == at::kFloat, OP ": sizes must be float32, got ",
+                sizes->scalar_type());
     TORCH_CHECK(sizes->dim() == 2 && sizes->size(0) == batch && sizes->size(1) == big_n,
                 OP ": sizes must have shape (B, N) = (", batch, ", ", big_n, "), got ",
                 sizes->sizes());
@@ -190,8 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   const int64_t width = index.size(2);
   const int64_t rows_out = num_prefix + kept;
   at::Tensor x_out = at::empty({batch, rows_out, channels}, x.options());
-  at::Tensor sizes_out = sizes.has_value() ? at::empty({batch, rows_out}, x.options().dtype(at::kFloat))
-                                           : at::empty({0}, x.options().dtype(at::kFloat));
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sizes_out =
+      sizes.has_value() ? at::empty({batch, rows_out}, f32) : at::empty({0}, f32);
   at::Tensor index_out = at::empty({batch, kept, width}, index.options());
   at::Tensor weight_out = at::empty({batch, kept, width}, weight.options());
   if (batch == 0) return {x_out, sizes_out, index_out, weight_out};
@@ -224,25 +229,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   a.weight_out = weight_out.data_ptr<float>();
   a.sizes_out = sc.defined() ? sizes_out.data_ptr<float>() : nullptr;
 
-  // Pass 1: position maps (and the keep checks).
+  // Pass 1: position maps, the keep checks, and the range check of every index entry (the
+  // rows of propagated tokens are otherwise never read, but a bad entry there is still a bug).
   std::atomic<int> err{0};
   int32_t* maps = new_pos.data_ptr<int32_t>();
-  at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / (n + 1)), [&](int64_t b0, int64_t b1) {
+  const int64_t map_grain = std::max<int64_t>(1, 4096 / (n * width + 1));
+  at::parallel_for(0, batch, map_grain, [&](int64_t b0, int64_t b1) {
     int e = 0;
-    for (int64_t b = b0; b < b1; ++b)
+    for (int64_t b = b0; b < b1; ++b) {
       e |= propagate::build_position_map(a.keep + b * kept, kept, n, maps + b * n);
+      if (propagate::count_out_of_range(a.index + b * n * width, n * width, n) != 0)
+        e |= propagate::kBadIndex;
+    }
     if (e) err.fetch_or(e, std::memory_order_relaxed);
   });
   TORCH_CHECK(!(err.load() & propagate::kBadKeep), OP ": keep entries must be in [0, n) = [0, ",
               n, "), got out of range");
   TORCH_CHECK(!(err.load() & propagate::kDupKeep), OP ": keep has duplicate entries in a row");
+  TORCH_CHECK(!(err.load() & propagate::kBadIndex), OP ": index entries must be in [-1, n) = [-1, ",
+              n, "), got out of range");
 
-  // Pass 2: output rows and the re-indexed graph.
+  // Pass 2: output rows and the re-indexed graph. (Its own range guard in reindex_row cannot
+  // fire after pass 1; it keeps the row walk memory-safe on its own.)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
     propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
   });
-  TORCH_CHECK(!(err.load() & propagate::kBadIndex), OP ": index entries must be in [-1, n) = [-1, ",
-              n, "), got out of range");
   return {x_out, sizes_out, index_out, weight_out};
 }
 
