@@ -8,6 +8,9 @@ Decisions are printed, and can be overridden from the environment:
   GTP_CPU_FLAGS             extra CPU compiler flags; default "-march=native" (a source build
                             runs where it is built); set it empty for a portable build.
   GTP_DEBUG=1               -O0 -g.
+  GTP_NO_EXTENSION=1        package only, no compiled extension (scripts/setup.sh installs the
+                            package this way, then builds the extension in place with ninja so
+                            that rebuilds are incremental).
 """
 
 import glob
@@ -72,6 +75,9 @@ def _decide_cuda():
 
 
 def _extensions():
+    if os.environ.get("GTP_NO_EXTENSION") == "1":
+        _log("GTP_NO_EXTENSION=1: not building gtp_kernels._C")
+        return [], {}
     with_cuda, why = _decide_cuda()
     from torch.utils import cpp_extension
 
@@ -103,13 +109,13 @@ def _extensions():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, build_ext = _extensions()
+ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["gtp_kernels", "gtp_kernels.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,1 @@
+"""Benchmark helpers shared by benchmarks/*.py and the `gtp-bench` command."""

@@ -1,0 +1,153 @@
+"""End-to-end throughput of a GTP-patched timm ViT against the unpatched model.
+
+    gtp-bench                                   # DeiT-S, batch 64, P=8, theta=0.6, alpha=0.1
+    python benchmarks/bench_timm.py --model deit_base_patch16_224 --batch 16 --sparsity 0.6 1.0
+
+Every variant lives in one process and is timed alternately (unpatched, patched-reference,
+patched-cpu, ...) after warm-up; the table gives medians over rounds. Before timing, every
+patched backend is checked against the patched reference backend. The allocator is put in a
+steady state first (see gtp_kernels.benchmark.timing.ensure_malloc_env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import sys
+
+import torch
+
+from gtp_kernels.benchmark import timing
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: model's)")
+    p.add_argument("--num-prop", type=int, default=8, help="tokens propagated per block (P)")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.6], help="theta value(s)")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--neighbours", type=int, default=8, help="semantic neighbours K")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="patched backends to time (default: reference and every compiled one available)",
+    )
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(patched cpu)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network)")
+    p.add_argument("--no-malloc-env", action="store_true", help="leave glibc malloc as it is")
+    p.add_argument("--csv", default=None, help="append the rows to this CSV file")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _default_backends() -> list[str]:
+    from gtp_kernels._extension import has_kernel
+
+    backends = ["reference"]
+    if all(has_kernel(op, "CPU") for op in ("build_graph", "select_tokens", "propagate")):
+        backends.append("cpu")
+    return backends
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    alloc = timing.ensure_malloc_env(not args.no_malloc_env)
+
+    import timm
+
+    import gtp_kernels.patch
+    from gtp_kernels.cost import gmacs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
+    size = base.patch_embed.img_size
+    x = torch.randn(args.batch, 3, *size)
+    backends = args.backends or _default_backends()
+
+    variants: dict[str, torch.nn.Module] = {"timm (unpatched)": base}
+    for theta in args.sparsity:
+        for backend in backends:
+            model = gtp_kernels.patch.timm(
+                copy.deepcopy(base),
+                num_prop=args.num_prop,
+                sparsity=theta,
+                alpha=args.alpha,
+                num_neighbours=args.neighbours,
+                backend=backend,
+            )
+            variants[f"gtp {backend}, theta={theta:g}"] = model
+            if args.compile and backend == "cpu":
+                variants[f"gtp {backend}+compile, theta={theta:g}"] = torch.compile(
+                    model, fullgraph=True
+                )
+
+    print(
+        f"# {args.model}, batch {args.batch}, input {tuple(x.shape[1:])}, float32, "
+        f"P={args.num_prop}, alpha={args.alpha:g}, K={args.neighbours}"
+    )
+    machine = timing.machine_description()
+    print(
+        f"# {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+        f"git {machine['git']}"
+    )
+    print(f"# allocator: {alloc}")
+
+    with torch.inference_mode():
+        outputs = {name: m(x[:4]) for name, m in variants.items()}
+        for name, out in outputs.items():
+            if name.startswith("gtp") and "reference" not in name:
+                theta = name.split("theta=")[1]
+                ref = outputs.get(f"gtp reference, theta={theta}")
+                if ref is not None:
+                    err = (out - ref).abs().max().item()
+                    print(f"# check: {name} vs reference backend: max |logit diff| {err:.2e}")
+                    if err > 1e-3:
+                        raise SystemExit(f"{name} disagrees with the reference backend")
+        fns = {name: (lambda m=m: m(x)) for name, m in variants.items()}
+        print(
+            f"# timing {len(fns)} variants alternately, {args.rounds} rounds after "
+            f"{args.warmup} warm-up",
+            file=sys.stderr,
+        )
+        times = timing.alternating(fns, rounds=args.rounds, warmup=args.warmup)
+
+    base_t = timing.median(times["timm (unpatched)"])
+    base_g = gmacs(base)
+    rows = []
+    for name, m in variants.items():
+        t = timing.median(times[name])
+        g = gmacs(getattr(m, "_orig_mod", m))
+        measured = base_t / t
+        ideal = base_g / g
+        rows.append(
+            [
+                name,
+                f"{g:.2f}",
+                f"{args.batch / t:.1f}",
+                f"{measured:.3f}x",
+                f"{ideal:.3f}x",
+                f"{100 * measured / ideal:.0f}%",
+                f"{100 * timing.spread(times[name]):.0f}%",
+            ]
+        )
+    header = ["variant", "GMACs", "images/s", "speed-up", "ideal (GMACs)", "of ideal", "spread"]
+    print(timing.markdown_table(header, rows))
+    if args.csv:
+        with open(args.csv, "a", newline="") as f:
+            w = csv.writer(f)
+            for row in rows:
+                w.writerow([*machine.values(), args.model, args.batch, *row])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Timing helpers: allocator control, alternating rounds, medians, markdown tables.
+
+CPU timings of big models move by up to 15% with glibc malloc's page faults: freed large blocks
+go back to the kernel (mmap / trim) and come back as fresh zeroed pages on the next forward.
+`ensure_malloc_env()` re-executes the script with MALLOC_MMAP_MAX_=0 and a large
+MALLOC_TRIM_THRESHOLD_ (glibc reads them only at process start), unless the user set them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+_REEXEC_FLAG = "GTP_BENCH_REEXEC"
+
+
+def ensure_malloc_env(enabled: bool = True) -> str:
+    """Make sure this process runs with the steady-state glibc malloc settings.
+
+    Returns a one-line description of the allocator setting in force, for the report. If the
+    variables are missing, re-executes the current command line with them set (once).
+    """
+    if enabled and os.environ.get(_REEXEC_FLAG) != "1":
+        missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
+        if missing:
+            env = dict(os.environ, **missing, **{_REEXEC_FLAG: "1"})
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execvpe(sys.executable, [sys.executable, *sys.argv], env)
+    ld = os.environ.get("LD_PRELOAD", "")
+    settings = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in MALLOC_ENV)
+    alloc = f"LD_PRELOAD={ld}" if ld else "glibc malloc"
+    return f"{alloc}, {settings}"
+
+
+def time_call(fn: Callable[[], object], iters: int = 1) -> float:
+    """Seconds per call of fn, averaged over `iters` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def alternating(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    iters: int = 1,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Time every fn once per round, interleaved (a, b, c, a, b, c, ...), so slow drifts of a
+    shared machine hit every variant alike. Returns seconds per call, one entry per round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, iters))
+        if progress:
+            done = ", ".join(f"{n} {1e3 * statistics.median(t):.1f} ms" for n, t in times.items())
+            print(f"  round {r + 1}/{rounds}: median so far {done}", file=sys.stderr, flush=True)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how noisy a set of rounds was."""
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m if m else float("nan")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_description() -> dict[str, str]:
+    """Machine, versions and git sha for CSV output."""
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "git": sha or "unknown",
+    }
