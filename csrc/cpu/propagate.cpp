@@ -1,14 +1,15 @@
 // propagate on CPU (SPEC 4): kept image tokens absorb their propagated graph neighbours, the
 // propagated tokens are removed, and the graph shrinks to the survivors.
 //
-// Two passes. (1) Per image, the old -> new position map (n int32, new_pos[keep[r]] = r, -1 for
-// a propagated token), which also checks keep for range and duplicates. (2) Per output row
-// (batch x (prefix + kept)): the graph row is re-indexed through the map and, in the same walk
-// over its slots, counts the slots whose neighbour is propagated. Most kept rows absorb
-// nothing (P W / n slots a row on average), so they are a plain row copy; the others
-// accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel buffer, which
-// vectorises over channels, then write x_i + alpha * acc in x's dtype. The map is the only
-// scratch memory: B * n int32, never an n x n matrix.
+// One parallel pass over the output rows (batch x (prefix + kept)). Per image, a chunk first
+// builds the old -> new position map (n int32 in a per-chunk buffer: new_pos[keep[r]] = r, -1
+// for a propagated token), which also checks keep for range and duplicates. Then per kept row
+// the graph row is re-indexed through the map and, in the same walk over its slots, the slots
+// whose neighbour is propagated are counted. Rows that absorb nothing are a plain row copy
+// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16); the
+// others accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel
+// buffer, which vectorises over channels, then write x_i + alpha * acc in x's dtype. Scratch
+// memory: n int32 and C accumulators per chunk, never an n x n matrix.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -84,68 +85,96 @@ struct Args {
   const float* weight;
   const int64_t* keep;
   const float* sizes;  // nullptr when sizes is None
-  const int32_t* new_pos;
   int32_t* index_out;
   float* weight_out;
   float* sizes_out;
 };
 
+// One output row of a kept token: re-index its graph row and write x_i + alpha * sum (or copy).
 template <typename scalar_t>
-void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic<int>& err) {
+inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos,
+                     const scalar_t* xb, scalar_t* dst, float* size_dst,
+                     std::vector<typename Cvt<scalar_t>::acc_t>& acc, int* err) {
   using C = Cvt<scalar_t>;
   using acc_t = typename C::acc_t;
+  const int64_t ch = a.channels;
+  const int64_t i = a.keep[b * a.kept + r];
+  if (i < 0 || i >= a.n) {  // reported after the pass; the output is discarded
+    *err |= propagate::kBadKeep;
+    return;
+  }
+  const int32_t* idx = a.index + (b * a.n + i) * a.width;
+  const float* w = a.weight + (b * a.n + i) * a.width;
+  const int64_t row_out = (b * a.kept + r) * a.width;
+  const int64_t absorbed = propagate::reindex_row(idx, w, a.width, new_pos, a.n,
+                                                  a.index_out + row_out, a.weight_out + row_out,
+                                                  err);
+  const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
+  const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
+  if (absorbed == 0 || a.alpha == 0.0) {  // nothing to absorb, or plain pruning: a row copy
+    std::memcpy(dst, xi, ch * sizeof(scalar_t));
+    if (sb) *size_dst = sb[i];
+    return;
+  }
+  if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
+  acc_t* ac = acc.data();
+  float sacc = 0.0f;
+  bool first = true;
+  // Slot-outer, channel-inner: each pass over the channels is a unit-stride loop the
+  // compiler vectorises. Same per-channel arithmetic and order as propagate_channel.
+  for (int64_t s = 0; s < a.width; ++s) {
+    const int32_t j = idx[s];
+    if (!(j >= 0 && j < a.n && propagate::absorbs(j, new_pos))) continue;
+    const scalar_t* xj = xb + (a.prefix + j) * a.sx1;
+    const acc_t wv = static_cast<acc_t>(w[s]);
+    if (first) {
+      for (int64_t c = 0; c < ch; ++c) ac[c] = wv * C::load(xj[c]);
+      first = false;
+    } else {
+      for (int64_t c = 0; c < ch; ++c) ac[c] += wv * C::load(xj[c]);
+    }
+    if (sb) sacc += w[s] * sb[j];
+  }
+  const acc_t alpha = static_cast<acc_t>(a.alpha);
+  for (int64_t c = 0; c < ch; ++c) dst[c] = C::store(C::load(xi[c]) + alpha * ac[c]);
+  if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * sacc;
+}
+
+// A single parallel pass over the B * (M + R) output rows. A chunk builds the position map of
+// each image it touches in its own buffer (n int32), and checks that image's keep and index
+// entries at the same time; an image split between two chunks is mapped by both (n + n W
+// cheap operations). One fork/join instead of two matters on a loaded machine, where every
+// join can wait a scheduler slice for a descheduled thread.
+template <typename scalar_t>
+void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic<int>& err) {
   const int64_t rows_out = a.prefix + a.kept;
   const int64_t ch = a.channels;
-  const acc_t alpha = static_cast<acc_t>(a.alpha);
   const int64_t grain = std::max<int64_t>(1, 16384 / (ch + a.width + 1));
   at::parallel_for(0, a.batch * rows_out, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc;  // channel accumulator, allocated once per chunk if needed
+    std::vector<typename Cvt<scalar_t>::acc_t> acc;  // allocated on the first absorbing row
+    std::vector<int32_t> new_pos(a.n);
     int local_err = 0;
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = begin; t < end;) {
       const int64_t b = t / rows_out;
-      const int64_t o = t % rows_out;
-      scalar_t* dst = out + t * ch;
+      const int64_t o_begin = t % rows_out;
+      const int64_t o_end = std::min(rows_out, o_begin + (end - t));
       const scalar_t* xb = x + b * a.sx0;
-      if (o < a.prefix) {  // prefix tokens pass through
-        std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
-        if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
-        continue;
+      if (o_end > a.prefix) {
+        local_err |=
+            propagate::build_position_map(a.keep + b * a.kept, a.kept, a.n, new_pos.data());
+        if (propagate::count_out_of_range(a.index + b * a.n * a.width, a.n * a.width, a.n))
+          local_err |= propagate::kBadIndex;
       }
-      const int64_t r = o - a.prefix;
-      const int64_t i = a.keep[b * a.kept + r];  // in [0, n): checked in pass 1
-      const int32_t* new_pos = a.new_pos + b * a.n;
-      const int32_t* idx = a.index + (b * a.n + i) * a.width;
-      const float* w = a.weight + (b * a.n + i) * a.width;
-      const int64_t row_out = (b * a.kept + r) * a.width;
-      const int64_t absorbed =
-          propagate::reindex_row(idx, w, a.width, new_pos, a.n, a.index_out + row_out,
-                                 a.weight_out + row_out, &local_err);
-      const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
-      const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
-      if (absorbed == 0 || a.alpha == 0.0) {  // plain pruning: copy the kept row
-        std::memcpy(dst, xi, ch * sizeof(scalar_t));
-        if (sb) a.sizes_out[t] = sb[i];
-        continue;
-      }
-      if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
-      acc_t* ac = acc.data();
-      float sacc = 0.0f;
-      bool first = true;
-      for (int64_t s = 0; s < a.width; ++s) {
-        const int32_t j = idx[s];
-        if (j < 0 || j >= a.n || new_pos[j] >= 0) continue;
-        const scalar_t* xj = xb + (a.prefix + j) * a.sx1;
-        const acc_t wv = static_cast<acc_t>(w[s]);
-        if (first) {
-          for (int64_t c = 0; c < ch; ++c) ac[c] = wv * C::load(xj[c]);
-          first = false;
+      for (int64_t o = o_begin; o < o_end; ++o, ++t) {
+        scalar_t* dst = out + t * ch;
+        if (o < a.prefix) {  // prefix tokens pass through
+          std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
+          if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
         } else {
-          for (int64_t c = 0; c < ch; ++c) ac[c] += wv * C::load(xj[c]);
+          kept_row<scalar_t>(a, b, o - a.prefix, new_pos.data(), xb, dst,
+                             a.sizes ? a.sizes_out + t : nullptr, acc, &local_err);
         }
-        if (sb) sacc += w[s] * sb[j];
       }
-      for (int64_t c = 0; c < ch; ++c) dst[c] = C::store(C::load(xi[c]) + alpha * ac[c]);
-      if (sb) a.sizes_out[t] = sb[i] + static_cast<float>(a.alpha) * sacc;
     }
     if (local_err) err.fetch_or(local_err, std::memory_order_relaxed);
   });
@@ -207,7 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   const at::Tensor wc = weight.contiguous();
   const at::Tensor kc = keep.contiguous();
   const at::Tensor sc = sizes.has_value() ? sizes->contiguous() : at::Tensor();
-  at::Tensor new_pos = at::empty({batch, n}, index.options());
 
   Args a{};
   a.batch = batch;
@@ -224,36 +252,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   a.weight = wc.data_ptr<float>();
   a.keep = kc.data_ptr<int64_t>();
   a.sizes = sc.defined() ? sc.data_ptr<float>() : nullptr;
-  a.new_pos = new_pos.data_ptr<int32_t>();
   a.index_out = index_out.data_ptr<int32_t>();
   a.weight_out = weight_out.data_ptr<float>();
   a.sizes_out = sc.defined() ? sizes_out.data_ptr<float>() : nullptr;
 
-  // Pass 1: position maps, the keep checks, and the range check of every index entry (the
-  // rows of propagated tokens are otherwise never read, but a bad entry there is still a bug).
   std::atomic<int> err{0};
-  int32_t* maps = new_pos.data_ptr<int32_t>();
-  const int64_t map_grain = std::max<int64_t>(1, 4096 / (n * width + 1));
-  at::parallel_for(0, batch, map_grain, [&](int64_t b0, int64_t b1) {
-    int e = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      e |= propagate::build_position_map(a.keep + b * kept, kept, n, maps + b * n);
-      if (propagate::count_out_of_range(a.index + b * n * width, n * width, n) != 0)
-        e |= propagate::kBadIndex;
-    }
-    if (e) err.fetch_or(e, std::memory_order_relaxed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
+    propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
   });
   TORCH_CHECK(!(err.load() & propagate::kBadKeep), OP ": keep entries must be in [0, n) = [0, ",
               n, "), got out of range");
   TORCH_CHECK(!(err.load() & propagate::kDupKeep), OP ": keep has duplicate entries in a row");
   TORCH_CHECK(!(err.load() & propagate::kBadIndex), OP ": index entries must be in [-1, n) = [-1, ",
               n, "), got out of range");
-
-  // Pass 2: output rows and the re-indexed graph. (Its own range guard in reindex_row cannot
-  // fire after pass 1; it keeps the row walk memory-safe on its own.)
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
-    propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
-  });
   return {x_out, sizes_out, index_out, weight_out};
 }
 
