@@ -73,9 +73,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-sizes", action="store_true")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--ceiling", action="store_true", help="measure the copy bandwidth too")
     args = p.parse_args()
     alloc = timing.ensure_malloc_env()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     b, m, c, big_p = args.batch, args.prefix, args.channels, args.num_prop

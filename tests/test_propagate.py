@@ -283,6 +283,7 @@ def test_gradcheck_x(backend, name):
     torch.autograd.gradcheck(
         lambda x_: ops.propagate(x_, index, weight, keep, alpha, m, sizes, backend=backend)[0],
         (x,),
+        fast_mode=x.numel() > 200,  # the full Jacobian of the larger sample is slow
     )
 
 
