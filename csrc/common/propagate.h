@@ -38,6 +38,16 @@ GTP_HOST_DEVICE inline int build_position_map(const int64_t* keep, int64_t kept,
   return err;
 }
 
+// How many of the `count` index entries lie outside [-1, n). One unsigned compare each and an
+// integer sum, so the loop vectorises.
+GTP_HOST_DEVICE inline int64_t count_out_of_range(const int32_t* idx, int64_t count, int64_t n) {
+  const uint64_t limit = static_cast<uint64_t>(n);
+  int64_t bad = 0;
+  for (int64_t t = 0; t < count; ++t)
+    bad += static_cast<uint64_t>(static_cast<int64_t>(idx[t]) + 1) > limit ? 1 : 0;
+  return bad;
+}
+
 // Whether slot neighbour j (already range-checked) is propagated into the row.
 GTP_HOST_DEVICE inline bool absorbs(int32_t j, const int32_t* new_pos) {
   return j >= 0 && new_pos[j] < 0;

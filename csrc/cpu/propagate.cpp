@@ -1,14 +1,15 @@
 // propagate on CPU (SPEC 4): kept image tokens absorb their propagated graph neighbours, the
 // propagated tokens are removed, and the graph shrinks to the survivors.
 //
-// Two passes. (1) Per image, the old -> new position map (n int32, new_pos[keep[r]] = r, -1 for
-// a propagated token), which also checks keep for range and duplicates. (2) Per output row
-// (batch x (prefix + kept)): the graph row is re-indexed through the map and, in the same walk
-// over its slots, counts the slots whose neighbour is propagated. Most kept rows absorb
-// nothing (P W / n slots a row on average), so they are a plain row copy; the others
-// accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel buffer, which
-// vectorises over channels, then write x_i + alpha * acc in x's dtype. The map is the only
-// scratch memory: B * n int32, never an n x n matrix.
+// One parallel pass over the output rows (batch x (prefix + kept)). Per image, a chunk first
+// builds the old -> new position map (n int32 in a per-chunk buffer: new_pos[keep[r]] = r, -1
+// for a propagated token), which also checks keep for range and duplicates. Then per kept row
+// the graph row is re-indexed through the map and, in the same walk over its slots, the slots
+// whose neighbour is propagated are counted. Rows that absorb nothing are a plain row copy
+// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16); the
+// others accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel
+// buffer, which vectorises over channels, then write x_i + alpha * acc in x's dtype. Scratch
+// memory: n int32 and C accumulators per chunk, never an n x n matrix.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +25,10 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "common/checks.h"
 #include "common/propagate.h"
@@ -64,16 +69,55 @@ struct Cvt<c10::BFloat16> {
   }
 };
 
-#if defined(__FLT16_MAX__)
-template <>
-struct Cvt<c10::Half> {
-  using acc_t = float;
-  // _Float16 <-> float compile to (vector) vcvtph2ps / vcvtps2ph with F16C, round to nearest.
-  static inline float load(c10::Half v) { return static_cast<float>(std::bit_cast<_Float16>(v.x)); }
-  static inline c10::Half store(float f) {
-    return c10::Half(std::bit_cast<uint16_t>(static_cast<_Float16>(f)), c10::Half::from_bits());
+// Channel loops of a kept row: ac = w * x_j (first slot) or ac += w * x_j, and
+// dst = x_i + alpha * ac. Unit-stride loops the compiler vectorises for float, double and
+// bfloat16 (a shift); Half has explicit F16C conversions below, the c10 one being scalar.
+template <typename scalar_t, typename acc_t>
+inline void accumulate(acc_t* ac, const scalar_t* xj, acc_t w, int64_t ch, bool first) {
+  using C = Cvt<scalar_t>;
+  if (first) {
+    for (int64_t c = 0; c < ch; ++c) ac[c] = w * C::load(xj[c]);
+  } else {
+    for (int64_t c = 0; c < ch; ++c) ac[c] += w * C::load(xj[c]);
   }
-};
+}
+
+template <typename scalar_t, typename acc_t>
+inline void finish(scalar_t* dst, const scalar_t* xi, const acc_t* ac, acc_t alpha, int64_t ch) {
+  using C = Cvt<scalar_t>;
+  for (int64_t c = 0; c < ch; ++c) dst[c] = C::store(C::load(xi[c]) + alpha * ac[c]);
+}
+
+#if defined(__F16C__) && defined(__AVX__)
+inline __m256 load8_half(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <>
+inline void accumulate<c10::Half, float>(float* ac, const c10::Half* xj, float w, int64_t ch,
+                                         bool first) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t c = 0;
+  for (; c + 8 <= ch; c += 8) {
+    __m256 v = _mm256_mul_ps(wv, load8_half(xj + c));
+    if (!first) v = _mm256_add_ps(_mm256_loadu_ps(ac + c), v);
+    _mm256_storeu_ps(ac + c, v);
+  }
+  for (; c < ch; ++c) ac[c] = (first ? 0.0f : ac[c]) + w * static_cast<float>(xj[c]);
+}
+
+template <>
+inline void finish<c10::Half, float>(c10::Half* dst, const c10::Half* xi, const float* ac,
+                                     float alpha, int64_t ch) {
+  const __m256 av = _mm256_set1_ps(alpha);
+  int64_t c = 0;
+  for (; c + 8 <= ch; c += 8) {
+    const __m256 v = _mm256_add_ps(load8_half(xi + c), _mm256_mul_ps(av, _mm256_loadu_ps(ac + c)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; c < ch; ++c) dst[c] = static_cast<c10::Half>(static_cast<float>(xi[c]) + alpha * ac[c]);
+}
 #endif
 
 struct Args {
@@ -84,67 +128,92 @@ struct Args {
   const float* weight;
   const int64_t* keep;
   const float* sizes;  // nullptr when sizes is None
-  const int32_t* new_pos;
   int32_t* index_out;
   float* weight_out;
   float* sizes_out;
 };
 
+// One output row of a kept token: re-index its graph row and write x_i + alpha * sum (or copy).
 template <typename scalar_t>
-void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic<int>& err) {
+inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos,
+                     const scalar_t* xb, scalar_t* dst, float* size_dst,
+                     std::vector<typename Cvt<scalar_t>::acc_t>& acc, int* err) {
   using C = Cvt<scalar_t>;
   using acc_t = typename C::acc_t;
+  const int64_t ch = a.channels;
+  const int64_t i = a.keep[b * a.kept + r];
+  if (i < 0 || i >= a.n) {  // reported after the pass; the output is discarded
+    *err |= propagate::kBadKeep;
+    return;
+  }
+  const int32_t* idx = a.index + (b * a.n + i) * a.width;
+  const float* w = a.weight + (b * a.n + i) * a.width;
+  const int64_t row_out = (b * a.kept + r) * a.width;
+  const int64_t absorbed = propagate::reindex_row(idx, w, a.width, new_pos, a.n,
+                                                  a.index_out + row_out, a.weight_out + row_out,
+                                                  err);
+  const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
+  const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
+  if (absorbed == 0 || a.alpha == 0.0) {  // nothing to absorb, or plain pruning: a row copy
+    std::memcpy(dst, xi, ch * sizeof(scalar_t));
+    if (sb) *size_dst = sb[i];
+    return;
+  }
+  if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
+  acc_t* ac = acc.data();
+  float sacc = 0.0f;
+  bool first = true;
+  // Slot-outer, channel-inner: each pass over the channels is a unit-stride loop the
+  // compiler vectorises. Same per-channel arithmetic and order as propagate_channel.
+  for (int64_t s = 0; s < a.width; ++s) {
+    const int32_t j = idx[s];
+    if (!(j >= 0 && j < a.n && propagate::absorbs(j, new_pos))) continue;
+    const scalar_t* xj = xb + (a.prefix + j) * a.sx1;
+    const acc_t wv = static_cast<acc_t>(w[s]);
+    accumulate<scalar_t, acc_t>(ac, xj, wv, ch, first);
+    first = false;
+    if (sb) sacc += w[s] * sb[j];
+  }
+  const acc_t alpha = static_cast<acc_t>(a.alpha);
+  finish<scalar_t, acc_t>(dst, xi, ac, alpha, ch);
+  if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * sacc;
+}
+
+// A single parallel pass over the B * (M + R) output rows. A chunk builds the position map of
+// each image it touches in its own buffer (n int32), and checks that image's keep and index
+// entries at the same time; an image split between two chunks is mapped by both (n + n W
+// cheap operations). One fork/join instead of two matters on a loaded machine, where every
+// join can wait a scheduler slice for a descheduled thread.
+template <typename scalar_t>
+void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic<int>& err) {
   const int64_t rows_out = a.prefix + a.kept;
   const int64_t ch = a.channels;
-  const acc_t alpha = static_cast<acc_t>(a.alpha);
   const int64_t grain = std::max<int64_t>(1, 16384 / (ch + a.width + 1));
   at::parallel_for(0, a.batch * rows_out, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc;  // channel accumulator, allocated once per chunk if needed
+    std::vector<typename Cvt<scalar_t>::acc_t> acc;  // allocated on the first absorbing row
+    std::vector<int32_t> new_pos(a.n);
     int local_err = 0;
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = begin; t < end;) {
       const int64_t b = t / rows_out;
-      const int64_t o = t % rows_out;
-      scalar_t* dst = out + t * ch;
+      const int64_t o_begin = t % rows_out;
+      const int64_t o_end = std::min(rows_out, o_begin + (end - t));
       const scalar_t* xb = x + b * a.sx0;
-      if (o < a.prefix) {  // prefix tokens pass through
-        std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
-        if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
-        continue;
+      if (o_end > a.prefix) {
+        local_err |=
+            propagate::build_position_map(a.keep + b * a.kept, a.kept, a.n, new_pos.data());
+        if (propagate::count_out_of_range(a.index + b * a.n * a.width, a.n * a.width, a.n))
+          local_err |= propagate::kBadIndex;
       }
-      const int64_t r = o - a.prefix;
-      const int64_t i = a.keep[b * a.kept + r];  // in [0, n): checked in pass 1
-      const int32_t* new_pos = a.new_pos + b * a.n;
-      const int32_t* idx = a.index + (b * a.n + i) * a.width;
-      const float* w = a.weight + (b * a.n + i) * a.width;
-      const int64_t absorbed =
-          propagate::reindex_row(idx, w, a.width, new_pos, a.n, a.index_out + (b * a.kept + r) * a.width,
-                                 a.weight_out + (b * a.kept + r) * a.width, &local_err);
-      const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
-      const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
-      if (absorbed == 0 || a.alpha == 0.0) {  // plain pruning: copy the kept row
-        std::memcpy(dst, xi, ch * sizeof(scalar_t));
-        if (sb) a.sizes_out[t] = sb[i];
-        continue;
-      }
-      if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
-      acc_t* ac = acc.data();
-      float sacc = 0.0f;
-      bool first = true;
-      for (int64_t s = 0; s < a.width; ++s) {
-        const int32_t j = idx[s];
-        if (j < 0 || j >= a.n || new_pos[j] >= 0) continue;
-        const scalar_t* xj = xb + (a.prefix + j) * a.sx1;
-        const acc_t wv = static_cast<acc_t>(w[s]);
-        if (first) {
-          for (int64_t c = 0; c < ch; ++c) ac[c] = wv * C::load(xj[c]);
-          first = false;
+      for (int64_t o = o_begin; o < o_end; ++o, ++t) {
+        scalar_t* dst = out + t * ch;
+        if (o < a.prefix) {  // prefix tokens pass through
+          std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
+          if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
         } else {
-          for (int64_t c = 0; c < ch; ++c) ac[c] += wv * C::load(xj[c]);
+          kept_row<scalar_t>(a, b, o - a.prefix, new_pos.data(), xb, dst,
+                             a.sizes ? a.sizes_out + t : nullptr, acc, &local_err);
         }
-        if (sb) sacc += w[s] * sb[j];
       }
-      for (int64_t c = 0; c < ch; ++c) dst[c] = C::store(C::load(xi[c]) + alpha * ac[c]);
-      if (sb) a.sizes_out[t] = sb[i] + static_cast<float>(a.alpha) * sacc;
     }
     if (local_err) err.fetch_or(local_err, std::memory_order_relaxed);
   });
@@ -160,21 +229,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
               big_n, "], got ", num_prefix);
   const int64_t n = big_n - num_prefix;
   GTP_CHECK_DIM(OP, index, "index", 3);
-  GTP_CHECK_DTYPE(OP, index, "index", at::kInt);
+  TORCH_CHECK(index.scalar_type() == at::kInt, OP ": index must be int32, got ",
+              index.scalar_type());
   TORCH_CHECK(index.size(0) == batch && index.size(1) == n,
               OP ": index must have shape (B, N - num_prefix, W) = (", batch, ", ", n,
               ", W), got ", index.sizes());
-  GTP_CHECK_DTYPE(OP, weight, "weight", at::kFloat);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, OP ": weight must be float32, got ",
+              weight.scalar_type());
   TORCH_CHECK(weight.sizes() == index.sizes(), OP ": weight must have the shape of index ",
               index.sizes(), ", got ", weight.sizes());
   GTP_CHECK_DIM(OP, keep, "keep", 2);
-  GTP_CHECK_DTYPE(OP, keep, "keep", at::kLong);
+  TORCH_CHECK(keep.scalar_type() == at::kLong, OP ": keep must be int64, got ", keep.scalar_type());
   const int64_t kept = keep.size(1);
   TORCH_CHECK(keep.size(0) == batch && kept <= n && (n == 0 || kept >= 1),
               OP ": keep must have shape (B, n - P) with B = ", batch,
               " and 1 <= n - P <= n = ", n, ", got ", keep.sizes());
   if (sizes.has_value()) {
-    GTP_CHECK_DTYPE(OP, (*sizes), "sizes", at::kFloat);
+    TORCH_CHECK(sizes->scalar_type() == at::kFloat, OP ": sizes must be float32, got ",
+                sizes->scalar_type());
     TORCH_CHECK(sizes->dim() == 2 && sizes->size(0) == batch && sizes->size(1) == big_n,
                 OP ": sizes must have shape (B, N) = (", batch, ", ", big_n, "), got ",
                 sizes->sizes());
@@ -190,8 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   const int64_t width = index.size(2);
   const int64_t rows_out = num_prefix + kept;
   at::Tensor x_out = at::empty({batch, rows_out, channels}, x.options());
-  at::Tensor sizes_out = sizes.has_value() ? at::empty({batch, rows_out}, x.options().dtype(at::kFloat))
-                                           : at::empty({0}, x.options().dtype(at::kFloat));
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sizes_out =
+      sizes.has_value() ? at::empty({batch, rows_out}, f32) : at::empty({0}, f32);
   at::Tensor index_out = at::empty({batch, kept, width}, index.options());
   at::Tensor weight_out = at::empty({batch, kept, width}, weight.options());
   if (batch == 0) return {x_out, sizes_out, index_out, weight_out};
@@ -202,7 +275,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   const at::Tensor wc = weight.contiguous();
   const at::Tensor kc = keep.contiguous();
   const at::Tensor sc = sizes.has_value() ? sizes->contiguous() : at::Tensor();
-  at::Tensor new_pos = at::empty({batch, n}, index.options());
 
   Args a{};
   a.batch = batch;
@@ -219,28 +291,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   a.weight = wc.data_ptr<float>();
   a.keep = kc.data_ptr<int64_t>();
   a.sizes = sc.defined() ? sc.data_ptr<float>() : nullptr;
-  a.new_pos = new_pos.data_ptr<int32_t>();
   a.index_out = index_out.data_ptr<int32_t>();
   a.weight_out = weight_out.data_ptr<float>();
   a.sizes_out = sc.defined() ? sizes_out.data_ptr<float>() : nullptr;
 
-  // Pass 1: position maps (and the keep checks).
   std::atomic<int> err{0};
-  int32_t* maps = new_pos.data_ptr<int32_t>();
-  at::parallel_for(0, batch, std::max<int64_t>(1, 4096 / (n + 1)), [&](int64_t b0, int64_t b1) {
-    int e = 0;
-    for (int64_t b = b0; b < b1; ++b)
-      e |= propagate::build_position_map(a.keep + b * kept, kept, n, maps + b * n);
-    if (e) err.fetch_or(e, std::memory_order_relaxed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
+    propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
   });
   TORCH_CHECK(!(err.load() & propagate::kBadKeep), OP ": keep entries must be in [0, n) = [0, ",
               n, "), got out of range");
   TORCH_CHECK(!(err.load() & propagate::kDupKeep), OP ": keep has duplicate entries in a row");
-
-  // Pass 2: output rows and the re-indexed graph.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
-    propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
-  });
   TORCH_CHECK(!(err.load() & propagate::kBadIndex), OP ": index entries must be in [-1, n) = [-1, ",
               n, "), got out of range");
   return {x_out, sizes_out, index_out, weight_out};
