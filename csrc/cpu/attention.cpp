@@ -285,14 +285,17 @@ template <typename scalar_t, typename T>
 void pack_tile(const scalar_t* src, int64_t rows, int64_t cols, int64_t s_row, int64_t s_col,
                T* dst) {
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t c = 0; c < cols; ++c) dst[i * cols + c] = static_cast<T>(src[i * s_row + c * s_col]);
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[i * cols + c] = static_cast<T>(src[i * s_row + c * s_col]);
+    }
   }
 }
 
 // Can a BLAS operand be read in place: T elements, unit column stride, row stride >= cols?
 template <typename scalar_t, typename T>
 bool blas_ready(const at::Tensor& t, int64_t cols) {
-  return std::is_same_v<scalar_t, T> && t.stride(3) == 1 && t.stride(2) >= std::max<int64_t>(cols, 1);
+  return std::is_same_v<scalar_t, T> && t.stride(3) == 1 &&
+         t.stride(2) >= std::max<int64_t>(cols, 1);
 }
 
 // How the threshold is found (all exact, same result): the sample-windowed radix select (the
@@ -447,7 +450,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv);
           scalar_t* o = op + b * N * H * dv + h * dv;
           for (int64_t i = 0; i < N; ++i) {
-            for (int64_t c = 0; c < dv; ++c) o[i * H * dv + c] = static_cast<scalar_t>(obuf[i * dv + c]);
+            for (int64_t c = 0; c < dv; ++c) {
+              o[i * H * dv + c] = static_cast<scalar_t>(obuf[i * dv + c]);
+            }
           }
         }
       }
@@ -527,7 +532,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const bool is_double = q.scalar_type() == at::kDouble;
   const auto acc = is_double ? at::kDouble : at::kFloat;
   at::Tensor pieces;
-  if (strategy.kind != ScoreKind::kNone) pieces = at::empty({2, B, H, n_img}, q.options().dtype(acc));
+  if (strategy.kind != ScoreKind::kNone) {
+    pieces = at::empty({2, B, H, n_img}, q.options().dtype(acc));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gtp.attention", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
