@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -138,7 +139,7 @@ uint32_t finish_select(const uint32_t* cand, int64_t c, int64_t kk, uint32_t b1,
 // Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
 // sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
 // the keys of that bucket are compacted and two histograms (bits 10..19, 0..9) finish.
-// hist: 4 * 2048 entries of scratch; cand: count + 16 entries of scratch.
+// hist: 4 * 2048 entries of scratch; cand: count + 64 entries of scratch.
 float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
   // Level 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
   // histograms keep consecutive increments of one bucket from waiting on each other.
@@ -194,15 +195,26 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
     const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
     const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi_key));
-    int64_t below = 0, c = 0;
-    for (i = 0; i + 16 <= count; i += 16) {
-      const __m512i key = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
-      const __mmask16 lt = _mm512_cmplt_epu32_mask(key, vlo);
-      const __mmask16 in = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt), key, vhi);
-      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in, key));  // +16 slack
-      below += __builtin_popcount(static_cast<unsigned>(lt));
-      c += __builtin_popcount(static_cast<unsigned>(in));
+    // Two output streams (the first half of cand and from offset count / 2 + 32 on), so the
+    // two compactions per step do not wait on each other's running count; joined after.
+    uint32_t* cand_b = cand + count / 2 + 32;
+    int64_t below = 0, c = 0, cb = 0;
+    for (i = 0; i + 32 <= count; i += 32) {
+      const __m512i k0 = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
+      const __m512i k1 = _mm512_and_si512(_mm512_loadu_si512(x + i + 16), sign_off);
+      const __mmask16 lt0 = _mm512_cmplt_epu32_mask(k0, vlo);
+      const __mmask16 lt1 = _mm512_cmplt_epu32_mask(k1, vlo);
+      const __mmask16 in0 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt0), k0, vhi);
+      const __mmask16 in1 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt1), k1, vhi);
+      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in0, k0));  // 16 slack
+      _mm512_storeu_si512(cand_b + cb, _mm512_maskz_compress_epi32(in1, k1));
+      below += __builtin_popcount(static_cast<unsigned>(lt0)) +
+               __builtin_popcount(static_cast<unsigned>(lt1));
+      c += __builtin_popcount(static_cast<unsigned>(in0));
+      cb += __builtin_popcount(static_cast<unsigned>(in1));
     }
+    std::memmove(cand + c, cand_b, cb * sizeof(uint32_t));
+    c += cb;
     for (; i < count; ++i) {
       const uint32_t key = attention::prob_key(x[i]);
       below += key < lo_key;
@@ -347,7 +359,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::unique_ptr<T[]> vbuf(direct_v ? nullptr : new T[N * dv]);
     std::unique_ptr<T[]> obuf(direct_out ? nullptr : new T[N * dv]);
     std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[4 * 2048] : nullptr);
-    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 16] : nullptr);
+    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 64] : nullptr);
     std::unique_ptr<T[]> copy(kk > 0 && !radix ? new T[NN] : nullptr);
     double* secs = profile.on ? thread_secs.data() + kNumPhases * at::get_thread_num() : nullptr;
     auto t_last = Clock::now();
