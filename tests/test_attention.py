@@ -179,6 +179,9 @@ def sample_inputs(device="cpu", dtype=torch.float32):
         ("no_score", make(2, 3, 41, 16, m=1, score="none")),
         ("all_prefix", make(2, 2, 6, 4, m=6, score="mixed_max")),
         ("empty_batch", make(0, 3, 11, 8, m=1)),
+        ("no_tokens", make(2, 3, 0, 4, m=0)),
+        ("head_dim_0", make(2, 3, 5, 0, m=1)),
+        ("one_token", make(2, 2, 1, 4, m=0)),
     ]
 
 
