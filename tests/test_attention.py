@@ -347,6 +347,15 @@ def test_select_window_missed(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_aten_gemm_fallback(dtype, monkeypatch):
+    """The at::mm_out path (taken when torch exports no Fortran BLAS) matches the reference."""
+    monkeypatch.setenv("GTP_ATTENTION_GEMM", "aten")
+    for name in ("deit_s", "transposed", "dv_ne_d"):
+        check_against_reference(_sample(name, dtype))
+
+
+@needs_kernel
 def test_uniform_rows_nothing_masked():
     # q = 0: every probability is exactly 1/N == tau, so no entry is below the threshold
     q = torch.zeros(2, 2, 13, 4)

@@ -18,6 +18,7 @@
 // Developer knobs (environment, read per call; not part of the API):
 //   GTP_ATTENTION_SELECT=radix|nth_element   plain radix select, or std::nth_element on a copy,
 //                                      instead of the sample-windowed radix select
+//   GTP_ATTENTION_GEMM=aten            at::mm_out on from_blob views instead of the BLAS calls
 //   GTP_ATTENTION_PROFILE=<file>       append per-phase thread-seconds of this call to <file>
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
@@ -44,16 +45,22 @@
 #include "common/attention.h"
 #include "common/checks.h"
 
-#if AT_BUILD_WITH_BLAS()
+#if AT_BUILD_WITH_BLAS() && defined(__GNUC__)
 // The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS, LP64). Calling it
 // directly costs nothing per tile; at::mm_out would go through the dispatcher 2 * B * H times.
+// Weak: a torch build that does not export them still loads this library and takes the
+// at::mm_out path (null symbols), as does GTP_ATTENTION_GEMM=aten.
+#define GTP_FORTRAN_BLAS 1
 extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha,
+                                  const float* a, const int* lda, const float* b,
+                                  const int* ldb, const float* beta, float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha,
+                                  const double* a, const int* lda, const double* b,
+                                  const int* ldb, const double* beta, double* c,
+                                  const int* ldc);
 }
 #endif
 
@@ -89,19 +96,23 @@ ScoreStrategy parse_score(const std::string& s) {
 // when b_trans, else B (k x n, ldb). Column-major BLAS sees C^T = op(B)^T A^T.
 template <typename T>
 void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                   int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
-#if AT_BUILD_WITH_BLAS()
-  const char ta = b_trans ? 'T' : 'N', tb = 'N';
-  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
-            ildc = static_cast<int>(ldc);
-  const T beta = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
-  } else {
-    dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+                   int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, bool use_blas) {
+#ifdef GTP_FORTRAN_BLAS
+  constexpr bool is_float = std::is_same_v<T, float>;
+  if (use_blas && (is_float ? sgemm_ != nullptr : dgemm_ != nullptr)) {
+    const char ta = b_trans ? 'T' : 'N', tb = 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
+              ildc = static_cast<int>(ldc);
+    const T beta = 0;
+    if constexpr (is_float) {
+      sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    } else {
+      dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    }
+    return;
   }
-#else
+#endif
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
   auto B = b_trans ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opt).t()
@@ -109,7 +120,6 @@ void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, opt);
   at::mm_out(C, A, B);
   if (alpha != T(1)) C.mul_(alpha);
-#endif
 }
 
 // Rank kk (1-based) inside a histogram: the bucket holding it; kk becomes the rank inside it.
@@ -326,7 +336,7 @@ using Clock = std::chrono::steady_clock;
 template <typename scalar_t, typename T>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const float* ls_ptr, double scale, int64_t kk, int64_t num_prefix,
-                      ScoreStrategy strategy, Select select, at::Tensor& out,
+                      ScoreStrategy strategy, Select select, bool use_blas, at::Tensor& out,
                       at::Tensor& pieces, Profile& profile) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), dv = v.size(3);
   const int64_t n_img = N - num_prefix, NN = N * N;
@@ -400,7 +410,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
       T* s = S.get();
       if (d > 0) {
-        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N);
+        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N, use_blas);
       } else {
         std::fill(s, s + NN, T(0));
       }
@@ -457,9 +467,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       if (dv > 0) {
         if constexpr (std::is_same_v<scalar_t, T>) {
           gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, op + b * N * H * dv + h * dv,
-                           H * dv);
+                           H * dv, use_blas);
         } else {
-          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv);
+          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv, use_blas);
           scalar_t* o = op + b * N * H * dv + h * dv;
           for (int64_t i = 0; i < N; ++i) {
             for (int64_t c = 0; c < dv; ++c) {
@@ -537,6 +547,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const Select select = sel == "nth_element" ? Select::kNthElement
                         : sel == "radix"     ? Select::kRadix
                                              : Select::kWindowed;
+  const char* gemm_env = std::getenv("GTP_ATTENTION_GEMM");
+  const bool use_blas = gemm_env == nullptr || std::string(gemm_env) != "aten";
   const char* prof_env = std::getenv("GTP_ATTENTION_PROFILE");
   Profile profile;
   profile.on = prof_env != nullptr && prof_env[0] != '\0';
@@ -551,7 +563,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gtp.attention", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     attention_kernel<scalar_t, T>(q, k, v, ls_ptr, scale, kk, num_prefix, strategy, select,
-                                  out, pieces, profile);
+                                  use_blas, out, pieces, profile);
     if (strategy.kind != ScoreKind::kNone) {
       const T* first = pieces.const_data_ptr<T>();
       const T* second = first + B * H * n_img;
