@@ -165,7 +165,7 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
   const uint32_t b1 = find_bucket(hist, 2048, kk);
   // compact the keys of bucket b1 (branch free: the store always happens, the count moves on
-  // a hit); the AVX-512 path below does the same 16 keys at a time
+  // a hit)
   int64_t c = 0;
   for (i = 0; i < count; ++i) {
     const uint32_t key = attention::prob_key(x[i]);
