@@ -101,6 +101,33 @@ def with_env(key, value, fn):
     return call
 
 
+def gemm_floor(b, h, n, d, reps=200):
+    """Seconds for the two GEMMs of all B*H tiles at this machine's single-thread MKL rate on
+    one in-cache tile (torch.mm, min over repeats), split over the intra-op threads: the time
+    the op would take if softmax, threshold and scores were free."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        qt, kt, vt, at = torch.randn(n, d), torch.randn(n, d), torch.randn(n, d), torch.rand(n, n)
+        s, o = torch.empty(n, n), torch.empty(n, d)
+
+        def tile():
+            torch.mm(qt, kt.t(), out=s)
+            torch.mm(at, vt, out=o)
+
+        for _ in range(20):
+            tile()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                tile()
+            best = min(best, (time.perf_counter() - start) / reps)
+    finally:
+        torch.set_num_threads(threads)
+    return best * b * h / threads
+
+
 def bench_shape(b, h, n, d, rounds, theta_sparse):
     torch.manual_seed(0)
     q, k, v = timm_qkv(b, h, n, d)
@@ -159,10 +186,14 @@ def bench_shape(b, h, n, d, rounds, theta_sparse):
     print(markdown_table(header, rows))
     if "cpu theta 1" in med:
         t1, ts = med["cpu theta 1"], med[f"cpu theta {theta_sparse}"]
+        floor = gemm_floor(b, h, n, d)
         print(
             f"\ncpu theta {theta_sparse} / theta 1: {ts / t1:.2f}x; "
-            f"cpu theta 1 / sdpa: {t1 / base:.2f}x; FLOP floor {flops / 1e9:.2f} GFLOP "
-            f"(4 N^2 d MACs per tile)"
+            f"cpu theta 1 / sdpa: {t1 / base:.2f}x.\nFLOP floor {flops / 1e9:.2f} GFLOP "
+            f"(4 N^2 d MACs per tile); at the single-thread in-cache torch.mm rate of one tile "
+            f"({flops / floor / 1e9:.0f} GFLOP/s over {torch.get_num_threads()} threads) the two "
+            f"GEMMs alone take {1e3 * floor:.1f} ms: cpu theta 1 is {t1 / floor:.2f}x that, "
+            f"cpu theta {theta_sparse} {ts / floor:.2f}x."
         )
         brows = []
         for theta in (1.0, theta_sparse):

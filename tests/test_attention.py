@@ -179,6 +179,9 @@ def sample_inputs(device="cpu", dtype=torch.float32):
         ("no_score", make(2, 3, 41, 16, m=1, score="none")),
         ("all_prefix", make(2, 2, 6, 4, m=6, score="mixed_max")),
         ("empty_batch", make(0, 3, 11, 8, m=1)),
+        ("no_tokens", make(2, 3, 0, 4, m=0)),
+        ("head_dim_0", make(2, 3, 5, 0, m=1)),
+        ("one_token", make(2, 2, 1, 4, m=0)),
     ]
 
 
@@ -341,6 +344,15 @@ def test_select_window_missed(monkeypatch):
         o_nth, s_nth = torch.ops.gtp.attention(*args)
         monkeypatch.delenv("GTP_ATTENTION_SELECT")
         assert torch.equal(o_win, o_nth) and torch.equal(s_win, s_nth)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_aten_gemm_fallback(dtype, monkeypatch):
+    """The at::mm_out path (taken when torch exports no Fortran BLAS) matches the reference."""
+    monkeypatch.setenv("GTP_ATTENTION_GEMM", "aten")
+    for name in ("deit_s", "transposed", "dv_ne_d"):
+        check_against_reference(_sample(name, dtype))
 
 
 @needs_kernel

@@ -18,6 +18,7 @@
 // Developer knobs (environment, read per call; not part of the API):
 //   GTP_ATTENTION_SELECT=radix|nth_element   plain radix select, or std::nth_element on a copy,
 //                                      instead of the sample-windowed radix select
+//   GTP_ATTENTION_GEMM=aten            at::mm_out on from_blob views instead of the BLAS calls
 //   GTP_ATTENTION_PROFILE=<file>       append per-phase thread-seconds of this call to <file>
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -43,16 +45,22 @@
 #include "common/attention.h"
 #include "common/checks.h"
 
-#if AT_BUILD_WITH_BLAS()
+#if AT_BUILD_WITH_BLAS() && defined(__GNUC__)
 // The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS, LP64). Calling it
 // directly costs nothing per tile; at::mm_out would go through the dispatcher 2 * B * H times.
+// Weak: a torch build that does not export them still loads this library and takes the
+// at::mm_out path (null symbols), as does GTP_ATTENTION_GEMM=aten.
+#define GTP_FORTRAN_BLAS 1
 extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha,
+                                  const float* a, const int* lda, const float* b,
+                                  const int* ldb, const float* beta, float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha,
+                                  const double* a, const int* lda, const double* b,
+                                  const int* ldb, const double* beta, double* c,
+                                  const int* ldc);
 }
 #endif
 
@@ -88,19 +96,23 @@ ScoreStrategy parse_score(const std::string& s) {
 // when b_trans, else B (k x n, ldb). Column-major BLAS sees C^T = op(B)^T A^T.
 template <typename T>
 void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                   int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
-#if AT_BUILD_WITH_BLAS()
-  const char ta = b_trans ? 'T' : 'N', tb = 'N';
-  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
-            ildc = static_cast<int>(ldc);
-  const T beta = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
-  } else {
-    dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+                   int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, bool use_blas) {
+#ifdef GTP_FORTRAN_BLAS
+  constexpr bool is_float = std::is_same_v<T, float>;
+  if (use_blas && (is_float ? sgemm_ != nullptr : dgemm_ != nullptr)) {
+    const char ta = b_trans ? 'T' : 'N', tb = 'N';
+    const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda),
+              ildc = static_cast<int>(ldc);
+    const T beta = 0;
+    if constexpr (is_float) {
+      sgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    } else {
+      dgemm_(&ta, &tb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+    }
+    return;
   }
-#else
+#endif
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
   auto B = b_trans ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opt).t()
@@ -108,7 +120,6 @@ void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, opt);
   at::mm_out(C, A, B);
   if (alpha != T(1)) C.mul_(alpha);
-#endif
 }
 
 // Rank kk (1-based) inside a histogram: the bucket holding it; kk becomes the rank inside it.
@@ -138,7 +149,7 @@ uint32_t finish_select(const uint32_t* cand, int64_t c, int64_t kk, uint32_t b1,
 // Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
 // sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
 // the keys of that bucket are compacted and two histograms (bits 10..19, 0..9) finish.
-// hist: 4 * 2048 entries of scratch; cand: count + 16 entries of scratch.
+// hist: 4 * 2048 entries of scratch; cand: count + 64 entries of scratch.
 float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
   // Level 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
   // histograms keep consecutive increments of one bucket from waiting on each other.
@@ -154,7 +165,7 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
   const uint32_t b1 = find_bucket(hist, 2048, kk);
   // compact the keys of bucket b1 (branch free: the store always happens, the count moves on
-  // a hit); the AVX-512 path below does the same 16 keys at a time
+  // a hit)
   int64_t c = 0;
   for (i = 0; i < count; ++i) {
     const uint32_t key = attention::prob_key(x[i]);
@@ -194,15 +205,26 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
     const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
     const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi_key));
-    int64_t below = 0, c = 0;
-    for (i = 0; i + 16 <= count; i += 16) {
-      const __m512i key = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
-      const __mmask16 lt = _mm512_cmplt_epu32_mask(key, vlo);
-      const __mmask16 in = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt), key, vhi);
-      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in, key));  // +16 slack
-      below += __builtin_popcount(static_cast<unsigned>(lt));
-      c += __builtin_popcount(static_cast<unsigned>(in));
+    // Two output streams (the first half of cand and from offset count / 2 + 32 on), so the
+    // two compactions per step do not wait on each other's running count; joined after.
+    uint32_t* cand_b = cand + count / 2 + 32;
+    int64_t below = 0, c = 0, cb = 0;
+    for (i = 0; i + 32 <= count; i += 32) {
+      const __m512i k0 = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
+      const __m512i k1 = _mm512_and_si512(_mm512_loadu_si512(x + i + 16), sign_off);
+      const __mmask16 lt0 = _mm512_cmplt_epu32_mask(k0, vlo);
+      const __mmask16 lt1 = _mm512_cmplt_epu32_mask(k1, vlo);
+      const __mmask16 in0 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt0), k0, vhi);
+      const __mmask16 in1 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt1), k1, vhi);
+      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in0, k0));  // 16 slack
+      _mm512_storeu_si512(cand_b + cb, _mm512_maskz_compress_epi32(in1, k1));
+      below += __builtin_popcount(static_cast<unsigned>(lt0)) +
+               __builtin_popcount(static_cast<unsigned>(lt1));
+      c += __builtin_popcount(static_cast<unsigned>(in0));
+      cb += __builtin_popcount(static_cast<unsigned>(in1));
     }
+    std::memmove(cand + c, cand_b, cb * sizeof(uint32_t));
+    c += cb;
     for (; i < count; ++i) {
       const uint32_t key = attention::prob_key(x[i]);
       below += key < lo_key;
@@ -285,14 +307,17 @@ template <typename scalar_t, typename T>
 void pack_tile(const scalar_t* src, int64_t rows, int64_t cols, int64_t s_row, int64_t s_col,
                T* dst) {
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t c = 0; c < cols; ++c) dst[i * cols + c] = static_cast<T>(src[i * s_row + c * s_col]);
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[i * cols + c] = static_cast<T>(src[i * s_row + c * s_col]);
+    }
   }
 }
 
 // Can a BLAS operand be read in place: T elements, unit column stride, row stride >= cols?
 template <typename scalar_t, typename T>
 bool blas_ready(const at::Tensor& t, int64_t cols) {
-  return std::is_same_v<scalar_t, T> && t.stride(3) == 1 && t.stride(2) >= std::max<int64_t>(cols, 1);
+  return std::is_same_v<scalar_t, T> && t.stride(3) == 1 &&
+         t.stride(2) >= std::max<int64_t>(cols, 1);
 }
 
 // How the threshold is found (all exact, same result): the sample-windowed radix select (the
@@ -311,7 +336,7 @@ using Clock = std::chrono::steady_clock;
 template <typename scalar_t, typename T>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const float* ls_ptr, double scale, int64_t kk, int64_t num_prefix,
-                      ScoreStrategy strategy, Select select, at::Tensor& out,
+                      ScoreStrategy strategy, Select select, bool use_blas, at::Tensor& out,
                       at::Tensor& pieces, Profile& profile) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), dv = v.size(3);
   const int64_t n_img = N - num_prefix, NN = N * N;
@@ -344,7 +369,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::unique_ptr<T[]> vbuf(direct_v ? nullptr : new T[N * dv]);
     std::unique_ptr<T[]> obuf(direct_out ? nullptr : new T[N * dv]);
     std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[4 * 2048] : nullptr);
-    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 16] : nullptr);
+    std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 64] : nullptr);
     std::unique_ptr<T[]> copy(kk > 0 && !radix ? new T[NN] : nullptr);
     double* secs = profile.on ? thread_secs.data() + kNumPhases * at::get_thread_num() : nullptr;
     auto t_last = Clock::now();
@@ -385,7 +410,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
       T* s = S.get();
       if (d > 0) {
-        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N);
+        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N, use_blas);
       } else {
         std::fill(s, s + NN, T(0));
       }
@@ -442,12 +467,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       if (dv > 0) {
         if constexpr (std::is_same_v<scalar_t, T>) {
           gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, op + b * N * H * dv + h * dv,
-                           H * dv);
+                           H * dv, use_blas);
         } else {
-          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv);
+          gemm_rowmajor<T>(false, N, dv, N, T(1), s, N, V, ldv, obuf.get(), dv, use_blas);
           scalar_t* o = op + b * N * H * dv + h * dv;
           for (int64_t i = 0; i < N; ++i) {
-            for (int64_t c = 0; c < dv; ++c) o[i * H * dv + c] = static_cast<scalar_t>(obuf[i * dv + c]);
+            for (int64_t c = 0; c < dv; ++c) {
+              o[i * H * dv + c] = static_cast<scalar_t>(obuf[i * dv + c]);
+            }
           }
         }
       }
@@ -520,6 +547,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const Select select = sel == "nth_element" ? Select::kNthElement
                         : sel == "radix"     ? Select::kRadix
                                              : Select::kWindowed;
+  const char* gemm_env = std::getenv("GTP_ATTENTION_GEMM");
+  const bool use_blas = gemm_env == nullptr || std::string(gemm_env) != "aten";
   const char* prof_env = std::getenv("GTP_ATTENTION_PROFILE");
   Profile profile;
   profile.on = prof_env != nullptr && prof_env[0] != '\0';
@@ -527,12 +556,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const bool is_double = q.scalar_type() == at::kDouble;
   const auto acc = is_double ? at::kDouble : at::kFloat;
   at::Tensor pieces;
-  if (strategy.kind != ScoreKind::kNone) pieces = at::empty({2, B, H, n_img}, q.options().dtype(acc));
+  if (strategy.kind != ScoreKind::kNone) {
+    pieces = at::empty({2, B, H, n_img}, q.options().dtype(acc));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gtp.attention", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     attention_kernel<scalar_t, T>(q, k, v, ls_ptr, scale, kk, num_prefix, strategy, select,
-                                  out, pieces, profile);
+                                  use_blas, out, pieces, profile);
     if (strategy.kind != ScoreKind::kNone) {
       const T* first = pieces.const_data_ptr<T>();
       const T* second = first + B * H * n_img;
