@@ -432,6 +432,8 @@ def test_errors_at_patch_time():
         gp.timm(model, num_prop=-1)
     with pytest.raises(ValueError, match="num_neighbours"):
         gp.timm(model, num_neighbours=-2)
+    with pytest.raises(TypeError, match="token_scale must be True or False"):
+        gp.timm(model, token_scale="yes")
     assert not gp.is_patched(model)  # nothing half-applied
     with pytest.raises(TypeError, match="VisionTransformer"):
         gp.timm(torch.nn.Linear(2, 2))

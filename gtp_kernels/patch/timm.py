@@ -136,6 +136,11 @@ class GTPSettings:
             raise ValueError(
                 f"{_NAME}: backend must be one of {ops.BACKENDS}, got {self.backend!r}"
             )
+        for name in ("token_scale", "track_sources"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{_NAME}: {name} must be True or False, got {getattr(self, name)!r}"
+                )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"{_NAME}: seed must be an int, got {self.seed!r}")
         if model is None:
