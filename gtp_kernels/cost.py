@@ -31,6 +31,7 @@ MMACs). The same convention reproduces the GMACs column of the paper's DeiT-B ta
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,7 +73,10 @@ def _settings(model: Any, num_prop: Any, propagation: str | None) -> tuple[list[
         num_prop = gtp.num_prop if gtp is not None else 0
     if propagation is None:
         propagation = gtp.propagation if gtp is not None else "graph"
-    props = [int(num_prop)] * depth if isinstance(num_prop, int) else [int(p) for p in num_prop]
+    if isinstance(num_prop, numbers.Integral):
+        props = [int(num_prop)] * depth
+    else:
+        props = [int(p) for p in num_prop]
     if len(props) != depth:
         raise ValueError(f"gmacs: num_prop has {len(props)} entries, the model {depth} blocks")
     return props, propagation

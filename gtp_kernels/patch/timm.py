@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -100,18 +101,18 @@ class GTPSettings:
     def per_block(self, depth: int) -> list[int]:
         """num_prop as one int per block (validated against `depth`)."""
         p = self.num_prop
-        if isinstance(p, int):
-            return [p] * depth
-        return list(p)
+        if isinstance(p, numbers.Integral):
+            return [int(p)] * depth
+        return [int(v) for v in p]
 
     def validate(self, model: Any | None = None) -> None:
         """Raise ValueError / TypeError naming the bad setting (and the block where it matters)."""
         p = self.num_prop
-        if isinstance(p, bool) or not isinstance(p, (int, list, tuple)):
+        if isinstance(p, bool) or not isinstance(p, (numbers.Integral, list, tuple)):
             raise TypeError(f"{_NAME}: num_prop must be an int or a list of ints, got {p!r}")
-        values = [p] if isinstance(p, int) else list(p)
+        values = [p] if isinstance(p, numbers.Integral) else list(p)
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
                 raise ValueError(f"{_NAME}: num_prop must be >= 0 (ints), got {p!r}")
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) <= 1.0):  # rejects NaN
@@ -146,7 +147,7 @@ class GTPSettings:
         if model is None:
             return
         depth = len(model.blocks)
-        if not isinstance(p, int) and len(p) != depth:
+        if not isinstance(p, numbers.Integral) and len(p) != depth:
             raise ValueError(
                 f"{_NAME}: num_prop has {len(p)} entries but the model has {depth} blocks "
                 "(give one int per block, or a single int)"
