@@ -560,3 +560,17 @@ def test_pickle_and_deepcopy_keep_the_patch():
             assert torch.equal(other(x), expected)
     gp.remove(loaded)
     assert type(loaded) is type(gp.remove(model))
+
+
+def test_graph_with_alpha_zero_is_pruning():
+    model, x = _make("vit_medium_reg4_gap")
+    gp.timm(model, num_prop=5, alpha=0.0, propagation="graph")
+    with torch.no_grad():
+        graph = model(x)
+        model.gtp.propagation = "none"
+        model.gtp.alpha = 0.4  # ignored by pruning
+        pruned = model(x)
+        model.gtp.propagation = "graph"
+        propagated = model(x)
+    assert torch.equal(graph, pruned)
+    assert not torch.allclose(propagated, pruned)
