@@ -214,6 +214,13 @@ def test_properties(backend, graph):
 
 # ---------------------------------------------------------------- bad inputs
 
+
+def _one_bad(value):
+    x = torch.randn(2, 50, 4)
+    x[1, 17, 2] = value
+    return x
+
+
 BAD = [
     (lambda: (torch.randn(9, 4), 3, 3, 1, "mixed"), "tokens must have 3 dimensions"),
     (lambda: (torch.randn(1, 9, 4).long(), 3, 3, 1, "mixed"), "tokens must be float32"),
@@ -223,6 +230,8 @@ BAD = [
     (lambda: (torch.randn(1, 9, 4), 3, 3, 9, "semantic"), "num_neighbours must be in"),
     (lambda: (torch.randn(1, 9, 4), 3, 3, 1, "knn"), "graph must be"),
     (lambda: (torch.full((1, 9, 4), float("nan")), 3, 3, 1, "mixed"), "tokens contains NaN"),
+    (lambda: (_one_bad(float("nan")), 5, 10, 40, "semantic"), "tokens contains NaN"),  # large K
+    (lambda: (_one_bad(float("inf")), 5, 10, 3, "mixed"), "tokens contains NaN or Inf"),
 ]
 
 

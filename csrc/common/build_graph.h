@@ -49,30 +49,11 @@ GTP_HOST_DEVICE inline bool ranks_before(float s, int32_t j, float t, int32_t i)
   return s > t || (s == t && j < i);
 }
 
-// Running top-K of one row: score[0..count) / idx[0..count) kept best first. Offers (s, j);
-// returns the new count (at most k).
-GTP_HOST_DEVICE inline int topk_insert(float* score, int32_t* idx, int count, int k, float s,
-                                       int32_t j) {
-  if (k == 0) return 0;
-  if (count == k) {
-    if (!ranks_before(s, j, score[k - 1], idx[k - 1])) return count;
-    --count;  // drop the worst
-  }
-  int p = count;
-  while (p > 0 && ranks_before(s, j, score[p - 1], idx[p - 1])) {
-    score[p] = score[p - 1];
-    idx[p] = idx[p - 1];
-    --p;
-  }
-  score[p] = s;
-  idx[p] = j;
-  return count + 1;
-}
-
 // Top-K insertion for candidates offered in ascending j (every j larger than those held), into
 // a full list score[0..k) (unfilled slots hold -inf). A tie with a held entry then always
-// loses, so plain `>` decides. Branch-free (selects only): the caller has already checked
-// s > score[k - 1], and the position of s is data dependent, which a branchy loop mispredicts.
+// loses, so plain `>` decides. The caller has already checked s > score[k - 1]. No early
+// exit: the position of s is data dependent, and a fixed trip count lets the compiler use
+// selects instead of a loop exit that mispredicts.
 GTP_HOST_DEVICE inline void topk_insert_ascending(float* score, int32_t* idx, int k, float s,
                                                   int32_t j) {
   for (int p = k - 1; p > 0; --p) {  // descending: score[p - 1] still holds its old value

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/build_graph.h"
@@ -62,12 +63,31 @@ float group_max_bound(const float* v, int64_t c, int64_t k) {
   return kth;
 }
 
-// About 2K groups give a bound near the K-th largest at little cost; -inf (no bound) for K > 64.
+// About 2K groups give a bound near the K-th largest at little cost; -inf (no bound) for K > 32
+// (larger K goes through select_large_k).
 float topk_lower_bound(const float* v, int64_t c, int64_t k) {
   if (k <= 16) return group_max_bound<32>(v, c, k);
   if (k <= 32) return group_max_bound<64>(v, c, k);
-  if (k <= 64) return group_max_bound<128>(v, c, k);
   return kNegInf;
+}
+
+// Above this K, one selection per row and tile (O(K + c)) beats insertion (O(K) per insert).
+constexpr int64_t kInsertMaxK = 32;  // measured crossover: 24 to 48 on DeiT-S shapes
+
+// Large K: merge the K best so far with this tile's c columns and keep the K best by
+// (score descending, index ascending) with nth_element. Unfilled slots (-inf, -1) and the
+// row's own column (-inf) sort below every finite similarity.
+void select_large_k(const float* srow, int64_t c, int64_t j0, int64_t k, float* bs,
+                    int32_t* bj, std::pair<float, int32_t>* buf) {
+  for (int64_t p = 0; p < k; ++p) buf[p] = {bs[p], bj[p]};
+  for (int64_t t = 0; t < c; ++t) buf[k + t] = {srow[t], static_cast<int32_t>(j0 + t)};
+  std::nth_element(buf, buf + (k - 1), buf + k + c, [](const auto& a, const auto& b) {
+    return build_graph::ranks_before(a.first, a.second, b.first, b.second);
+  });
+  for (int64_t p = 0; p < k; ++p) {
+    bs[p] = buf[p].first;
+    bj[p] = buf[p].second;
+  }
 }
 
 // Writes the t in [0, c) with v[t] > thr to out, ascending; returns how many. Branch-free:
@@ -138,7 +158,11 @@ int32_t write_row(GraphType g, int64_t i, int64_t height, int64_t width, int32_t
     std::copy(spatial, spatial + ns, row);
     count = ns;
   } else {
-    build_graph::sort_small(sem, k);
+    if (k > kInsertMaxK) {
+      std::sort(sem, sem + k);
+    } else {
+      build_graph::sort_small(sem, k);
+    }
     if (g == GraphType::Semantic) {
       std::copy(sem, sem + k, row);
       count = k;
@@ -180,17 +204,22 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
     std::vector<float> best_s(rb * k);
     std::vector<int32_t> best_j(rb * k);
     std::vector<int32_t> cand_buf(cb);
+    std::vector<std::pair<float, int32_t>> pairs(k > kInsertMaxK ? k + cb : 0);
     int32_t* cand = cand_buf.data();
     int64_t cur = -1;
+    bool cur_ok = true;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, i0 = (task % blocks) * rb;
       const int64_t r = std::min(rb, n - i0);
       if (b != cur) {  // consecutive tasks of one thread mostly share the image
-        bool ok = true;
-        for (int64_t i = 0; i < n; ++i) ok &= normalise_row(x + b * sb + i * sn, sc, C, ep + i * C);
-        if (!ok) bad_value = true;
+        cur_ok = true;
+        for (int64_t i = 0; i < n; ++i) {
+          cur_ok &= normalise_row(x + b * sb + i * sn, sc, C, ep + i * C);
+        }
+        if (!cur_ok) bad_value = true;
         cur = b;
       }
+      if (!cur_ok) continue;  // NaN/Inf: the caller raises; NaN would break the orderings
       // Unfilled slots hold -inf: every finite similarity beats them, so the first K
       // candidates fill the list through the same insertion as the rest.
       std::fill(best_s.begin(), best_s.end(), kNegInf);
@@ -205,6 +234,10 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
           if (i >= j0 && i < j0 + c) srow[i - j0] = kNegInf;  // never its own neighbour
           float* bs = best_s.data() + q * k;
           int32_t* bj = best_j.data() + q * k;
+          if (k > kInsertMaxK) {
+            select_large_k(srow, c, j0, k, bs, bj, pairs.data());
+            continue;
+          }
           // A candidate must beat the K-th best strictly (on a tie the K-th has the lower
           // index: columns arrive ascending) and reach this tile's lower bound (v >= lb, i.e.
           // v > lb_below).
