@@ -61,28 +61,28 @@ GTP_HOST_DEVICE inline bool absorbs(int32_t j, const int32_t* new_pos) {
 GTP_HOST_DEVICE inline int64_t reindex_row(const int32_t* idx, const float* w, int64_t width,
                                            const int32_t* new_pos, int64_t n, int32_t* idx_out,
                                            float* w_out, int* err) {
+  // Branch-free: every slot is written at the current output position, which only advances
+  // past a surviving one (out <= s, so writes stay in the row and later ones overwrite).
+  // Which slots survive is data-dependent and mispredicts a branchy loop. Needs n >= 1, which
+  // holds whenever a kept row exists.
   int64_t out = 0;
   int64_t absorbed = 0;
+  int bad = 0;
   for (int64_t s = 0; s < width; ++s) {
     const int32_t j = idx[s];
-    if (j < -1 || j >= n) {
-      *err |= kBadIndex;
-      continue;
-    }
-    if (j < 0) continue;
-    const int32_t q = new_pos[j];
-    if (q >= 0) {
-      idx_out[out] = q;
-      w_out[out] = w[s];
-      ++out;
-    } else {
-      ++absorbed;
-    }
+    const bool valid = j >= 0 && j < n;
+    bad |= (j < -1 || j >= n) ? 1 : 0;
+    const int32_t q = valid ? new_pos[valid ? j : 0] : -1;
+    idx_out[out] = q;
+    w_out[out] = w[s];
+    out += q >= 0 ? 1 : 0;
+    absorbed += (valid && q < 0) ? 1 : 0;
   }
   for (; out < width; ++out) {
     idx_out[out] = -1;
     w_out[out] = 0.0f;
   }
+  if (bad) *err |= kBadIndex;
   return absorbed;
 }
 
