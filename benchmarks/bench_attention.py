@@ -193,7 +193,9 @@ def bench_shape(b, h, n, d, rounds, theta_sparse):
             f"(4 N^2 d MACs per tile); at the single-thread in-cache torch.mm rate of one tile "
             f"({flops / floor / 1e9:.0f} GFLOP/s over {torch.get_num_threads()} threads) the two "
             f"GEMMs alone take {1e3 * floor:.1f} ms: cpu theta 1 is {t1 / floor:.2f}x that, "
-            f"cpu theta {theta_sparse} {ts / floor:.2f}x."
+            f"cpu theta {theta_sparse} {ts / floor:.2f}x. (Best case: min over repeats on an "
+            "idle core; the providers above are medians on a shared machine. The breakdown "
+            "below gives the GEMM share measured inside the op.)"
         )
         brows = []
         for theta in (1.0, theta_sparse):
