@@ -134,6 +134,15 @@ struct Args {
   float* sizes_out;
 };
 
+// propagate::propagate_channel (one thread per channel, for a CUDA kernel) is not this
+// kernel's loop order; this never-called function makes the CPU build compile it.
+[[maybe_unused]] float compile_propagate_channel(const float* x, const int32_t* idx,
+                                                 const float* w, const int32_t* new_pos) {
+  return propagate::propagate_channel<float>(
+      x, idx, w, 1, new_pos, 1, 0.5f, 0, [x](int32_t j) { return x + j; },
+      [](float v) { return v; });
+}
+
 inline float sb_or_zero(const float* sb, int32_t j) { return sb ? sb[j] : 0.0f; }
 
 // One output row of a kept token: re-index its graph row and write x_i + alpha * sum (or copy).
