@@ -6,10 +6,12 @@
 // for a propagated token), which also checks keep for range and duplicates. Then per kept row
 // the graph row is re-indexed through the map and, in the same walk over its slots, the slots
 // whose neighbour is propagated are counted. Rows that absorb nothing are a plain row copy
-// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16); the
-// others accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel
-// buffer, which vectorises over channels, then write x_i + alpha * acc in x's dtype. Scratch
-// memory: n int32 and C accumulators per chunk, never an n x n matrix.
+// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16).
+// Rows absorbing one or two neighbours (nearly all others) are one fused pass over the
+// channels; the rest accumulate w * x_j slot by slot into a float32 (float64 for float64 x)
+// channel buffer. Every channel loop is unit-stride and vectorises; arithmetic in float32
+// (float64), written in x's dtype, in the reference's order: x_i + alpha * (sum in slot
+// order). Scratch memory: n int32 and C accumulators per chunk, never an n x n matrix.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
