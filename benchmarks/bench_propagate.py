@@ -14,7 +14,13 @@ tokens read and written (B*(n-P)*W*(4 + 4) bytes each way), keep (B*(n-P)*8 byte
 read and written (B*N*4 + B*(N-P)*4). index_select moves B*(N-P)*C elements each way.
 GB/s below are those bytes / median time (the ceiling with --ceiling).
 
-    python benchmarks/bench_propagate.py [--dtype float32] [--no-sizes] [--ceiling]
+On a small machine shared with other jobs, --threads 1 shows the kernel itself: with 2
+OpenMP threads every call's join waits for a descheduled thread and spinning workers
+compete with the main thread (OMP_WAIT_POLICY=passive recovers part of that), while
+index_select is not affected in the same way.
+
+    PYTHONPATH=. python benchmarks/bench_propagate.py [--threads 1] [--dtype float32]
+        [--no-sizes] [--ceiling]
 """
 
 from __future__ import annotations

@@ -187,6 +187,9 @@ SAMPLES = {
     "alpha_zero": (2, 1, 8, 6, 8, 3, {"alpha": 0.0}),
     "negative_alpha": (2, 1, 8, 6, 8, 3, {"alpha": -0.3}),
     "prefix_only": (2, 3, 0, 4, 4, 0, {}),
+    "zero_channels": (2, 1, 6, 0, 4, 2, {}),
+    "zero_width_graph": (2, 1, 6, 3, 0, 2, {}),
+    "single_image_token": (1, 0, 1, 3, 2, 0, {}),
     "empty_batch": (0, 1, 4, 5, 8, 1, {}),
     "empty_batch_no_sizes": (0, 0, 4, 5, 8, 1, {"sizes": False}),
 }

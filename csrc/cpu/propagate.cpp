@@ -6,10 +6,12 @@
 // for a propagated token), which also checks keep for range and duplicates. Then per kept row
 // the graph row is re-indexed through the map and, in the same walk over its slots, the slots
 // whose neighbour is propagated are counted. Rows that absorb nothing are a plain row copy
-// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16); the
-// others accumulate w * x_j slot by slot into a float32 (float64 for float64 x) channel
-// buffer, which vectorises over channels, then write x_i + alpha * acc in x's dtype. Scratch
-// memory: n int32 and C accumulators per chunk, never an n x n matrix.
+// (with P W / n absorbing slots a row on average, about half the rows at P = 8, W = 16).
+// Rows absorbing one or two neighbours (nearly all others) are one fused pass over the
+// channels; the rest accumulate w * x_j slot by slot into a float32 (float64 for float64 x)
+// channel buffer. Every channel loop is unit-stride and vectorises; arithmetic in float32
+// (float64), written in x's dtype, in the reference's order: x_i + alpha * (sum in slot
+// order). Scratch memory: n int32 and C accumulators per chunk, never an n x n matrix.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,6 +26,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__F16C__) && defined(__AVX__)
@@ -133,6 +136,17 @@ struct Args {
   float* sizes_out;
 };
 
+// propagate::propagate_channel (one thread per channel, for a CUDA kernel) is not this
+// kernel's loop order; this never-called function makes the CPU build compile it.
+[[maybe_unused]] float compile_propagate_channel(const float* x, const int32_t* idx,
+                                                 const float* w, const int32_t* new_pos) {
+  return propagate::propagate_channel<float>(
+      x, idx, w, 1, new_pos, 1, 0.5f, 0, [x](int32_t j) { return x + j; },
+      [](float v) { return v; });
+}
+
+inline float sb_or_zero(const float* sb, int32_t j) { return sb ? sb[j] : 0.0f; }
+
 // One output row of a kept token: re-index its graph row and write x_i + alpha * sum (or copy).
 template <typename scalar_t>
 inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos,
@@ -159,6 +173,39 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
     if (sb) *size_dst = sb[i];
     return;
   }
+  const acc_t alpha = static_cast<acc_t>(a.alpha);
+  if constexpr (!std::is_same_v<scalar_t, c10::Half>) {
+    // One or two absorbed neighbours (most absorbing rows): one fused pass over the channels,
+    // no accumulator buffer; the same arithmetic in the same order as the general path.
+    if (absorbed <= 2) {
+      const scalar_t* xs[2] = {xi, xi};
+      acc_t ws[2] = {0, 0};
+      float ss = 0.0f;
+      int k = 0;
+      for (int64_t s = 0; s < a.width && k < 2; ++s) {
+        const int32_t j = idx[s];
+        if (!(j >= 0 && j < a.n && propagate::absorbs(j, new_pos))) continue;
+        xs[k] = xb + (a.prefix + j) * a.sx1;
+        ws[k] = static_cast<acc_t>(w[s]);
+        ss = k == 0 ? w[s] * sb_or_zero(sb, j) : ss + w[s] * sb_or_zero(sb, j);
+        ++k;
+      }
+      using C = Cvt<scalar_t>;
+      const scalar_t* x0 = xs[0];
+      const scalar_t* x1 = xs[1];
+      const acc_t w0 = ws[0], w1 = ws[1];
+      if (k == 1) {
+        for (int64_t c = 0; c < ch; ++c)
+          dst[c] = C::store(C::load(xi[c]) + alpha * (w0 * C::load(x0[c])));
+      } else {
+        for (int64_t c = 0; c < ch; ++c)
+          dst[c] =
+              C::store(C::load(xi[c]) + alpha * (w0 * C::load(x0[c]) + w1 * C::load(x1[c])));
+      }
+      if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * ss;
+      return;
+    }
+  }
   if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
   acc_t* ac = acc.data();
   float sacc = 0.0f;
@@ -174,7 +221,6 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
     first = false;
     if (sb) sacc += w[s] * sb[j];
   }
-  const acc_t alpha = static_cast<acc_t>(a.alpha);
   finish<scalar_t, acc_t>(dst, xi, ac, alpha, ch);
   if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * sacc;
 }

@@ -23,8 +23,8 @@ def check_propagate_args(
 ) -> None:
     """Same checks, same messages as the C++ kernel (the errors name the argument).
 
-    values=False skips the checks that read tensor data (index and keep entries), for fake
-    tensors."""
+    values=False skips the checks that need concrete values (index and keep entries, alpha),
+    for fake tensors and torch.compile tracing."""
     if x.dim() != 3:
         raise ValueError(f"{_OP}: x must have 3 dimensions, got shape {list(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -70,10 +70,10 @@ def check_propagate_args(
             raise ValueError(
                 f"{_OP}: {name} must be on the same device as x ({x.device}), got {t.device}"
             )
-    if math.isnan(alpha):
-        raise ValueError(f"{_OP}: alpha must not be NaN")
     if not values:
         return
+    if math.isnan(alpha):
+        raise ValueError(f"{_OP}: alpha must not be NaN")
     if index.numel() > 0 and bool(((index < -1) | (index >= n)).any()):
         raise ValueError(f"{_OP}: index entries must be in [-1, n) = [-1, {n}), got out of range")
     if keep.numel() > 0:
@@ -121,7 +121,9 @@ def propagate(
             replaced by its position in keep, compacted in slot order, -1 padded.
         weight_out: (B, n - P, W) float32: the weights of those slots, 0 at padding.
     """
-    check_propagate_args(x, index, weight, keep, alpha, num_prefix, sizes)
+    # The entry checks read tensor data; under torch.compile they would break the graph.
+    values = not torch.compiler.is_compiling()
+    check_propagate_args(x, index, weight, keep, alpha, num_prefix, sizes, values=values)
     b, big_n, _ = x.shape
     n = big_n - num_prefix
     kept = keep.shape[1]
