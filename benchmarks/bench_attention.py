@@ -28,8 +28,20 @@ from gtp_kernels._extension import has_kernel
 from gtp_kernels.reference import attention as ref_attention
 
 try:  # the shared harness, once merged
-    from gtp_kernels.benchmark.timing import alternating, markdown_table
+    from gtp_kernels.benchmark.timing import alternating, ensure_malloc_env, markdown_table
 except ImportError:  # a small local stand-in
+
+    def ensure_malloc_env():
+        """Re-exec once with glibc malloc keeping freed big blocks (no fresh zeroed pages per
+        call for the 10 MB outputs), as the shared harness does."""
+        env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+        if any(k not in os.environ for k in env) and os.environ.get("GTP_BENCH_REEXEC") != "1":
+            os.execvpe(
+                sys.executable,
+                [sys.executable, *sys.argv],
+                dict(os.environ, **env, GTP_BENCH_REEXEC="1"),
+            )
+        return ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in env)
 
     def alternating(fns, rounds, warmup=1, iters=1, progress=False):
         for _ in range(warmup):
@@ -220,10 +232,11 @@ def main():
     p.add_argument("--theta", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args()
+    alloc = ensure_malloc_env()
     print(
         f"# gtp.attention benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads. Timings on a shared machine are noisy: medians of {args.rounds} "
-        "interleaved rounds; compare ratios within one run.",
+        f"interleaved rounds; compare ratios within one run. Allocator: {alloc}.",
         file=sys.stdout,
     )
     for n in args.tokens:
