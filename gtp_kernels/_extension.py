@@ -32,6 +32,7 @@ def extension_error() -> str | None:
     return _ERROR
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the dispatcher query
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether torch.ops.gtp.<op> has a kernel registered for `dispatch_key` (CPU, CUDA, Meta)."""
     if _C is None:

@@ -27,8 +27,8 @@ namespace gtp {
   TORCH_CHECK((a).device() == (b).device(), op ": " bname " must be on the same device " \
               "as " aname " (", (a).device(), "), got ", (b).device())
 
-#define GTP_CHECK_DEVICE_TYPE(op, t, name, type)                                       \
-  TORCH_CHECK((t).device().type() == (type), op ": " name " must be on ", (type),      \
+#define GTP_CHECK_DEVICE_TYPE(op, t, name, dev_type)                                       \
+  TORCH_CHECK((t).device().type() == (dev_type), op ": " name " must be on ", (dev_type),      \
               ", got ", (t).device())
 
 }  // namespace gtp
