@@ -5,13 +5,7 @@
 
 #include <cstdint>
 
-#ifndef GTP_HOST_DEVICE
-#if defined(__CUDACC__)
-#define GTP_HOST_DEVICE __host__ __device__
-#else
-#define GTP_HOST_DEVICE
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace gtp::propagate {
 
