@@ -35,19 +35,11 @@ from gtp_kernels import ops
 
 __all__ = ["GTPSettings", "SELECTIONS", "timm", "remove", "is_patched"]
 
+from gtp_kernels.reference.attention import SCORES as _ATTENTION_SCORES  # noqa: E402
+
 GRAPHS = ("spatial", "semantic", "mixed")
-SELECTIONS = (
-    "mixed_max",
-    "mixed_mean",
-    "diag_max",
-    "diag_mean",
-    "colsum_max",
-    "colsum_mean",
-    "cls_max",
-    "cls_mean",
-    "sum_max",
-    "random",
-)
+# The attention op's score strategies (one list, in the reference), plus seeded random.
+SELECTIONS = (*(s for s in _ATTENTION_SCORES if s != "none"), "random")
 PROPAGATIONS = ("graph", "none", "mean")
 POOLS = ("token", "avg", "avgmax", "max", "")
 _NAME = "gtp_kernels.patch.timm"
