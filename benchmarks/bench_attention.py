@@ -25,42 +25,8 @@ import torch
 
 import gtp_kernels.ops  # noqa: F401  (fake kernel, autograd)
 from gtp_kernels._extension import has_kernel
+from gtp_kernels.benchmark.timing import alternating, ensure_malloc_env, markdown_table
 from gtp_kernels.reference import attention as ref_attention
-
-try:  # the shared harness, once merged
-    from gtp_kernels.benchmark.timing import alternating, ensure_malloc_env, markdown_table
-except ImportError:  # a small local stand-in
-
-    def ensure_malloc_env():
-        """Re-exec once with glibc malloc keeping freed big blocks (no fresh zeroed pages per
-        call for the 10 MB outputs), as the shared harness does."""
-        env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-        if any(k not in os.environ for k in env) and os.environ.get("GTP_BENCH_REEXEC") != "1":
-            os.execvpe(
-                sys.executable,
-                [sys.executable, *sys.argv],
-                dict(os.environ, **env, GTP_BENCH_REEXEC="1"),
-            )
-        return ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in env)
-
-    def alternating(fns, rounds, warmup=1, iters=1, progress=False):
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                times[name].append((time.perf_counter() - start) / iters)
-        return times
-
-    def markdown_table(header, rows):
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-        return "\n".join(lines)
-
 
 PHASES = ("pack", "qk", "softmax", "select", "mask_scores", "av")
 

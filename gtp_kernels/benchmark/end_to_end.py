@@ -109,9 +109,17 @@ def main(argv=None) -> None:
                 theta = name.split("theta=")[1]
                 ref = outputs.get(f"gtp reference, theta={theta}")
                 if ref is not None:
-                    err = (out - ref).abs().max().item()
-                    print(f"# check: {name} vs reference backend: max |logit diff| {err:.2e}")
-                    if err > 1e-3:
+                    # Relative to the largest logit. A broken backend is off by O(1); a correct
+                    # one by float rounding, plus, for theta < 1, the attention entries within
+                    # rounding of the threshold tau that one side masks and the other keeps
+                    # (each moves an output row by ~1/N of a value row). A random-initialised
+                    # model's near-uniform attention has many such entries: 8e-4 measured.
+                    err = ((out - ref).abs().max() / ref.abs().max()).item()
+                    print(
+                        f"# check: {name} vs reference backend: max |logit diff| / max |logit| "
+                        f"{err:.1e}"
+                    )
+                    if err > 1e-2:
                         raise SystemExit(f"{name} disagrees with the reference backend")
         fns = {name: (lambda m=m: m(x)) for name, m in variants.items()}
         print(
