@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from gtp_kernels.benchmark import timing
+from gtp_kernels.benchmark import models, timing
 
 CATEGORIES = (
     "patch embed, layer norms, head",
@@ -73,17 +72,10 @@ _THRESHOLD_OPS = ("aten::kthvalue", "aten::lt", "aten::where", "aten::zeros_like
 
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: model's)")
-    p.add_argument("--num-prop", type=int, default=8)
+    models.add_model_arguments(p, batch=16)
     p.add_argument("--sparsity", type=float, default=0.6)
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--neighbours", type=int, default=8)
     p.add_argument("--backends", nargs="+", default=["reference", "cpu"])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-malloc-env", action="store_true")
     return p.parse_args(argv)
 
 
@@ -221,26 +213,10 @@ def main(argv=None) -> None:
     args = _parse(argv)
     alloc = timing.ensure_malloc_env(not args.no_malloc_env)
 
-    import timm
-
-    import gtp_kernels.patch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    base = timm.create_model(args.model, **kwargs).eval()
-    x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
+    base, x = models.model_and_input(args)
     variants = {"timm": base}
     for backend in args.backends:
-        variants[f"gtp {backend}"] = gtp_kernels.patch.timm(
-            copy.deepcopy(base),
-            num_prop=args.num_prop,
-            sparsity=args.sparsity,
-            alpha=args.alpha,
-            num_neighbours=args.neighbours,
-            backend=backend,
-        )
+        variants[f"gtp {backend}"] = models.patched_copy(base, args, args.sparsity, backend)
     machine = timing.machine_description()
     print(
         f"# {args.model}, batch {args.batch}, float32, P={args.num_prop}, "

@@ -12,24 +12,18 @@ steady state first (see gtp_kernels.benchmark.timing.ensure_malloc_env).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import sys
 
 import torch
 
-from gtp_kernels.benchmark import timing
+from gtp_kernels.benchmark import models, timing
 
 
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: model's)")
-    p.add_argument("--num-prop", type=int, default=8, help="tokens propagated per block (P)")
+    models.add_model_arguments(p, batch=64)
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.6], help="theta value(s)")
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--neighbours", type=int, default=8, help="semantic neighbours K")
     p.add_argument(
         "--backends",
         nargs="+",
@@ -39,52 +33,23 @@ def _parse(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile(patched cpu)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network)")
-    p.add_argument("--no-malloc-env", action="store_true", help="leave glibc malloc as it is")
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def _default_backends() -> list[str]:
-    from gtp_kernels._extension import has_kernel
-
-    backends = ["reference"]
-    if all(has_kernel(op, "CPU") for op in ("build_graph", "select_tokens", "propagate")):
-        backends.append("cpu")
-    return backends
 
 
 def main(argv=None) -> None:
     args = _parse(argv)
     alloc = timing.ensure_malloc_env(not args.no_malloc_env)
 
-    import timm
-
-    import gtp_kernels.patch
     from gtp_kernels.cost import gmacs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
-    size = base.patch_embed.img_size
-    x = torch.randn(args.batch, 3, *size)
-    backends = args.backends or _default_backends()
+    base, x = models.model_and_input(args)
+    backends = args.backends or models.default_backends()
 
     variants: dict[str, torch.nn.Module] = {"timm (unpatched)": base}
     for theta in args.sparsity:
         for backend in backends:
-            model = gtp_kernels.patch.timm(
-                copy.deepcopy(base),
-                num_prop=args.num_prop,
-                sparsity=theta,
-                alpha=args.alpha,
-                num_neighbours=args.neighbours,
-                backend=backend,
-            )
+            model = models.patched_copy(base, args, theta, backend)
             variants[f"gtp {backend}, theta={theta:g}"] = model
             if args.compile and backend == "cpu":
                 variants[f"gtp {backend}+compile, theta={theta:g}"] = torch.compile(
