@@ -87,8 +87,9 @@ ScoreStrategy parse_score(const std::string& s) {
   for (const auto& e : table) {
     if (s == e.name) return ScoreStrategy{e.kind, e.mean};
   }
-  TORCH_CHECK(false, OP ": score must be one of none, mixed_max, mixed_mean, diag_max, ",
-              "diag_mean, colsum_max, colsum_mean, cls_max, cls_mean, sum_max; got '", s, "'");
+  TORCH_CHECK_VALUE(false, OP ": score must be one of none, mixed_max, mixed_mean, diag_max, ",
+                    "diag_mean, colsum_max, colsum_mean, cls_max, cls_mean, sum_max; got '", s,
+                    "'");
   return {};
 }
 
@@ -492,44 +493,44 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                   const std::optional<at::Tensor>& log_sizes,
                                                   double scale, double sparsity,
                                                   int64_t num_prefix, c10::string_view score) {
-  TORCH_CHECK(q.dim() == 4, OP ": q must have 4 dimensions (B, H, N, d), got shape ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), OP ": k must have the shape of q ", q.sizes(),
-              ", got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              OP ": v must have shape (B, H, N, dv) with (B, H, N) = ", q.sizes().slice(0, 3),
-              " of q, got shape ", v.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4, OP ": q must have 4 dimensions (B, H, N, d), got shape ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), OP ": k must have the shape of q ", q.sizes(),
+                    ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+                    OP ": v must have shape (B, H, N, dv) with (B, H, N) = ", q.sizes().slice(0, 3),
+                    " of q, got shape ", v.sizes());
   GTP_CHECK_FLOATING(OP, q, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), OP ": k must have the dtype of q (",
-              q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK(v.scalar_type() == q.scalar_type(), OP ": v must have the dtype of q (",
-              q.scalar_type(), "), got ", v.scalar_type());
-  // (GTP_CHECK_DEVICE_TYPE in checks.h does not compile: its parameter `type` shadows .type())
-  TORCH_CHECK(q.device().is_cpu(), OP ": q must be on cpu, got ", q.device());
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type(), OP ": k must have the dtype of q (",
+                    q.scalar_type(), "), got ", k.scalar_type());
+  TORCH_CHECK_VALUE(v.scalar_type() == q.scalar_type(), OP ": v must have the dtype of q (",
+                    q.scalar_type(), "), got ", v.scalar_type());
+  GTP_CHECK_DEVICE_TYPE(OP, q, "q", c10::DeviceType::CPU);
   GTP_CHECK_SAME_DEVICE(OP, q, "q", k, "k");
   GTP_CHECK_SAME_DEVICE(OP, q, "q", v, "v");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dv = v.size(3);
-  TORCH_CHECK(H >= 1, OP ": q must have at least one head, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(H >= 1, OP ": q must have at least one head, got shape ", q.sizes());
   const float* ls_ptr = nullptr;
   at::Tensor ls;
   if (log_sizes.has_value()) {
     ls = *log_sizes;
-    TORCH_CHECK(ls.dim() == 2 && ls.size(0) == B && ls.size(1) == N,
-                OP ": log_sizes must have shape (B, N) = [", B, ", ", N, "], got shape ",
-                ls.sizes());
-    TORCH_CHECK(ls.scalar_type() == at::kFloat, OP ": log_sizes must be float32, got ",
-                ls.scalar_type());
+    TORCH_CHECK_VALUE(ls.dim() == 2 && ls.size(0) == B && ls.size(1) == N,
+                      OP ": log_sizes must have shape (B, N) = [", B, ", ", N, "], got shape ",
+                      ls.sizes());
+    TORCH_CHECK_VALUE(ls.scalar_type() == at::kFloat, OP ": log_sizes must be float32, got ",
+                      ls.scalar_type());
     GTP_CHECK_SAME_DEVICE(OP, q, "q", ls, "log_sizes");
     ls = ls.contiguous();
     ls_ptr = ls.const_data_ptr<float>();
   }
-  TORCH_CHECK(std::isfinite(scale), OP ": scale must be finite, got ", scale);
-  TORCH_CHECK(sparsity > 0.0 && sparsity <= 1.0,
-              OP ": sparsity (theta) must be in (0, 1], got ", sparsity);
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= N, OP ": num_prefix must be in [0, N] = [0, ", N,
-              "], got ", num_prefix);
+  TORCH_CHECK_VALUE(std::isfinite(scale), OP ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(sparsity > 0.0 && sparsity <= 1.0,
+                    OP ": sparsity (theta) must be in (0, 1], got ", sparsity);
+  TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix <= N, OP ": num_prefix must be in [0, N] = [0, ",
+                    N, "], got ", num_prefix);
   const ScoreStrategy strategy = parse_score(std::string(score));
-  TORCH_CHECK(!strategy.needs_cls() || num_prefix >= 1, OP ": score '", score,
-              "' needs a CLS token (num_prefix >= 1), got num_prefix 0");
+  TORCH_CHECK_VALUE(!strategy.needs_cls() || num_prefix >= 1, OP ": score '", score,
+                    "' needs a CLS token (num_prefix >= 1), got num_prefix 0");
   const int64_t n_img = N - num_prefix;
 
   // out is (B, H, N, dv) with (B, N, H, dv) memory: timm's next step,

@@ -116,7 +116,8 @@ GraphType parse_graph(std::string_view graph) {
   if (graph == "spatial") return GraphType::Spatial;
   if (graph == "semantic") return GraphType::Semantic;
   if (graph == "mixed") return GraphType::Mixed;
-  TORCH_CHECK(false, OP ": graph must be 'spatial', 'semantic' or 'mixed', got '", graph, "'");
+  TORCH_CHECK_VALUE(false, OP ": graph must be 'spatial', 'semantic' or 'mixed', got '", graph,
+                    "'");
 }
 
 // One token, L2-normalised in float32 as the reference does: x / max(||x||, 1e-12). The sum
@@ -271,13 +272,13 @@ std::tuple<at::Tensor, at::Tensor> build_graph_cpu(const at::Tensor& tokens, int
   GTP_CHECK_FLOATING(OP, tokens, "tokens");
   const int64_t B = tokens.size(0), n = tokens.size(1);
   const GraphType g = parse_graph(std::string_view(graph.data(), graph.size()));
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == n,
-              OP ": height * width must equal the number of tokens n = ", n,
-              " (tokens.shape[1]), got height=", height, ", width=", width);
-  TORCH_CHECK(num_neighbours >= 0 && num_neighbours <= n - 1,
-              OP ": num_neighbours must be in [0, n - 1] = [0, ", n - 1, "], got ",
-              num_neighbours);
-  TORCH_CHECK(n < (int64_t{1} << 31), OP ": tokens.shape[1] must fit int32, got ", n);
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1 && height * width == n,
+                    OP ": height * width must equal the number of tokens n = ", n,
+                    " (tokens.shape[1]), got height=", height, ", width=", width);
+  TORCH_CHECK_VALUE(num_neighbours >= 0 && num_neighbours <= n - 1,
+                    OP ": num_neighbours must be in [0, n - 1] = [0, ", n - 1, "], got ",
+                    num_neighbours);
+  TORCH_CHECK_VALUE(n < (int64_t{1} << 31), OP ": tokens.shape[1] must fit int32, got ", n);
   const int64_t k = num_neighbours;
   const int64_t slots = build_graph::graph_width(g, k);
   at::Tensor index = at::empty({B, n, slots}, tokens.options().dtype(at::kInt));
@@ -300,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> build_graph_cpu(const at::Tensor& tokens, int
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), OP, [&] {
       semantic_rows<scalar_t>(tokens, height, width, k, g, idx, deg, slots, bad_value);
     });
-    TORCH_CHECK(!bad_value.load(), OP ": tokens contains NaN or Inf");
+    TORCH_CHECK_VALUE(!bad_value.load(), OP ": tokens contains NaN or Inf");
   }
 
   float* w = weight.data_ptr<float>();

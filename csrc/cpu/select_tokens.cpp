@@ -34,12 +34,12 @@ inline uint64_t sort_key(float score, int64_t position) {
 
 std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& score, int64_t num_prop) {
   GTP_CHECK_DIM(OP, score, "score", 2);
-  TORCH_CHECK(score.scalar_type() == at::kFloat, OP ": score must be float32, got ",
-              score.scalar_type());
+  TORCH_CHECK_VALUE(score.scalar_type() == at::kFloat, OP ": score must be float32, got ",
+                    score.scalar_type());
   const int64_t B = score.size(0), n = score.size(1), P = num_prop;
-  TORCH_CHECK(P >= 0 && P <= n - 1, OP ": num_prop must be in [0, n - 1] = [0, ", n - 1,
-              "], got ", P);
-  TORCH_CHECK(n <= (int64_t{1} << 32), OP ": score.shape[1] must be at most 2^32, got ", n);
+  TORCH_CHECK_VALUE(P >= 0 && P <= n - 1, OP ": num_prop must be in [0, n - 1] = [0, ", n - 1,
+                    "], got ", P);
+  TORCH_CHECK_VALUE(n <= (int64_t{1} << 32), OP ": score.shape[1] must be at most 2^32, got ", n);
   at::Tensor keep = at::empty({B, n - P}, score.options().dtype(at::kLong));
   at::Tensor prop = at::empty({B, P}, score.options().dtype(at::kLong));
   if (B == 0) return {keep, prop};
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& score, in
       }
     }
   });
-  TORCH_CHECK(!has_nan.load(), OP ": score contains NaN");
+  TORCH_CHECK_VALUE(!has_nan.load(), OP ": score contains NaN");
   return {keep, prop};
 }
 
