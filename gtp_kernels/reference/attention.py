@@ -16,6 +16,15 @@ import math
 
 import torch
 
+from gtp_kernels.reference._checks import (
+    FLOATING,
+    check_dim,
+    check_dtype,
+    check_in_range,
+    check_same_device,
+    fail,
+)
+
 _OP = "gtp.attention"
 
 SCORES = (
@@ -31,8 +40,6 @@ SCORES = (
     "sum_max",
 )
 
-_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 def check_attention_args(
     q: torch.Tensor,
@@ -45,54 +52,40 @@ def check_attention_args(
     score: str,
 ) -> None:
     """Same checks, same messages as the C++ kernel (the errors name the argument)."""
-    if q.dim() != 4:
-        raise ValueError(f"{_OP}: q must have 4 dimensions (B, H, N, d), got shape {list(q.shape)}")
+    check_dim(_OP, q, "q", 4, " (B, H, N, d)")
     if k.shape != q.shape:
-        raise ValueError(
-            f"{_OP}: k must have the shape of q {list(q.shape)}, got shape {list(k.shape)}"
-        )
+        fail(_OP, f"k must have the shape of q {list(q.shape)}, got shape {list(k.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"{_OP}: v must have shape (B, H, N, dv) with (B, H, N) = {list(q.shape[:3])} "
-            f"of q, got shape {list(v.shape)}"
+        fail(
+            _OP,
+            f"v must have shape (B, H, N, dv) with (B, H, N) = {list(q.shape[:3])} of q, "
+            f"got shape {list(v.shape)}",
         )
-    if q.dtype not in _FLOATING:
-        raise ValueError(f"{_OP}: q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+    check_dtype(_OP, q, "q", *FLOATING)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise ValueError(f"{_OP}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(
-                f"{_OP}: {name} must be on the same device as q ({q.device}), got {t.device}"
-            )
+            fail(_OP, f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    check_same_device(_OP, q, "q", k=k, v=v, log_sizes=log_sizes)
     b, h, n_tok, _ = q.shape
     if h < 1:
-        raise ValueError(f"{_OP}: q must have at least one head, got shape {list(q.shape)}")
+        fail(_OP, f"q must have at least one head, got shape {list(q.shape)}")
     if log_sizes is not None:
-        if log_sizes.dim() != 2 or tuple(log_sizes.shape) != (b, n_tok):
-            raise ValueError(
-                f"{_OP}: log_sizes must have shape (B, N) = {[b, n_tok]}, "
-                f"got shape {list(log_sizes.shape)}"
+        if tuple(log_sizes.shape) != (b, n_tok):
+            fail(
+                _OP,
+                f"log_sizes must have shape (B, N) = {[b, n_tok]}, got shape "
+                f"{list(log_sizes.shape)}",
             )
-        if log_sizes.dtype != torch.float32:
-            raise ValueError(f"{_OP}: log_sizes must be float32, got {log_sizes.dtype}")
-        if log_sizes.device != q.device:
-            raise ValueError(
-                f"{_OP}: log_sizes must be on the same device as q ({q.device}), "
-                f"got {log_sizes.device}"
-            )
+        check_dtype(_OP, log_sizes, "log_sizes", torch.float32)
     if not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+        fail(_OP, f"scale must be finite, got {scale}")
     if not (0.0 < sparsity <= 1.0):  # also rejects NaN
-        raise ValueError(f"{_OP}: sparsity (theta) must be in (0, 1], got {sparsity}")
-    if num_prefix < 0 or num_prefix > n_tok:
-        raise ValueError(f"{_OP}: num_prefix must be in [0, N] = [0, {n_tok}], got {num_prefix}")
+        fail(_OP, f"sparsity (theta) must be in (0, 1], got {sparsity}")
+    check_in_range(_OP, "num_prefix", num_prefix, 0, n_tok, "[0, N]")
     if score not in SCORES:
-        raise ValueError(f"{_OP}: score must be one of {', '.join(SCORES)}; got {score!r}")
+        fail(_OP, f"score must be one of {', '.join(SCORES)}; got {score!r}")
     if score.startswith("cls_") and num_prefix < 1:
-        raise ValueError(
-            f"{_OP}: score {score!r} needs a CLS token (num_prefix >= 1), got num_prefix 0"
-        )
+        fail(_OP, f"score {score!r} needs a CLS token (num_prefix >= 1), got num_prefix 0")
 
 
 def num_masked(num_tokens: int, sparsity: float) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from gtp_kernels.reference._checks import FLOATING, check_dim, check_dtype, check_in_range, fail
+
 GRAPH_TYPES = ("spatial", "semantic", "mixed")
 SPATIAL_WIDTH = 8  # at most 8 grid neighbours
 
@@ -27,28 +29,22 @@ def check_build_graph_args(
     tokens: torch.Tensor, height: int, width: int, num_neighbours: int, graph: str
 ) -> None:
     """Same checks, same messages as the C++ kernel (the errors name the argument)."""
-    if tokens.dim() != 3:
-        raise ValueError(f"{_OP}: tokens must have 3 dimensions, got shape {list(tokens.shape)}")
-    if tokens.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(
-            f"{_OP}: tokens must be float32, float16, bfloat16 or float64, got {tokens.dtype}"
-        )
+    check_dim(_OP, tokens, "tokens", 3)
+    check_dtype(_OP, tokens, "tokens", *FLOATING)
     n = tokens.shape[1]
     if graph not in GRAPH_TYPES:
-        raise ValueError(f"{_OP}: graph must be 'spatial', 'semantic' or 'mixed', got {graph!r}")
+        fail(_OP, f"graph must be 'spatial', 'semantic' or 'mixed', got {graph!r}")
     if height < 1 or width < 1 or height * width != n:
-        raise ValueError(
-            f"{_OP}: height * width must equal the number of tokens n = {n} "
-            f"(tokens.shape[1]), got height={height}, width={width}"
+        fail(
+            _OP,
+            f"height * width must equal the number of tokens n = {n} (tokens.shape[1]), "
+            f"got height={height}, width={width}",
         )
-    if num_neighbours < 0 or num_neighbours > n - 1:
-        raise ValueError(
-            f"{_OP}: num_neighbours must be in [0, n - 1] = [0, {n - 1}], got {num_neighbours}"
-        )
+    check_in_range(_OP, "num_neighbours", num_neighbours, 0, n - 1, "[0, n - 1]")
     # Only the semantic graph reads token values; NaN/Inf would make its ranking meaningless.
     uses_values = graph != "spatial" and num_neighbours > 0
     if uses_values and tokens.numel() > 0 and not torch.isfinite(tokens).all():
-        raise ValueError(f"{_OP}: tokens contains NaN or Inf")
+        fail(_OP, "tokens contains NaN or Inf")
 
 
 def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:

@@ -7,6 +7,15 @@ import math
 
 import torch
 
+from gtp_kernels.reference._checks import (
+    FLOATING,
+    check_dim,
+    check_dtype,
+    check_in_range,
+    check_same_device,
+    fail,
+)
+
 _OP = "gtp.propagate"
 
 
@@ -25,62 +34,49 @@ def check_propagate_args(
 
     values=False skips the checks that need concrete values (index and keep entries, alpha),
     for fake tensors and torch.compile tracing."""
-    if x.dim() != 3:
-        raise ValueError(f"{_OP}: x must have 3 dimensions, got shape {list(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"{_OP}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_dim(_OP, x, "x", 3)
+    check_dtype(_OP, x, "x", *FLOATING)
     b, big_n, _ = x.shape
-    if num_prefix < 0 or num_prefix > big_n:
-        raise ValueError(f"{_OP}: num_prefix must be in [0, N] = [0, {big_n}], got {num_prefix}")
+    check_in_range(_OP, "num_prefix", num_prefix, 0, big_n, "[0, N]")
     n = big_n - num_prefix
-    if index.dim() != 3:
-        raise ValueError(f"{_OP}: index must have 3 dimensions, got shape {list(index.shape)}")
-    if index.dtype != torch.int32:
-        raise ValueError(f"{_OP}: index must be int32, got {index.dtype}")
+    check_dim(_OP, index, "index", 3)
+    check_dtype(_OP, index, "index", torch.int32)
     if index.shape[0] != b or index.shape[1] != n:
-        raise ValueError(
-            f"{_OP}: index must have shape (B, N - num_prefix, W) = ({b}, {n}, W), "
-            f"got {list(index.shape)}"
+        fail(
+            _OP,
+            f"index must have shape (B, N - num_prefix, W) = ({b}, {n}, W), "
+            f"got {list(index.shape)}",
         )
-    if weight.dtype != torch.float32:
-        raise ValueError(f"{_OP}: weight must be float32, got {weight.dtype}")
+    check_dtype(_OP, weight, "weight", torch.float32)
     if weight.shape != index.shape:
-        raise ValueError(
-            f"{_OP}: weight must have the shape of index {list(index.shape)}, "
-            f"got {list(weight.shape)}"
+        fail(
+            _OP,
+            f"weight must have the shape of index {list(index.shape)}, got {list(weight.shape)}",
         )
-    if keep.dim() != 2:
-        raise ValueError(f"{_OP}: keep must have 2 dimensions, got shape {list(keep.shape)}")
-    if keep.dtype != torch.int64:
-        raise ValueError(f"{_OP}: keep must be int64, got {keep.dtype}")
+    check_dim(_OP, keep, "keep", 2)
+    check_dtype(_OP, keep, "keep", torch.int64)
     if keep.shape[0] != b or keep.shape[1] > n or (n >= 1 and keep.shape[1] < 1):
-        raise ValueError(
-            f"{_OP}: keep must have shape (B, n - P) with B = {b} and 1 <= n - P <= n = {n}, "
-            f"got {list(keep.shape)}"
+        fail(
+            _OP,
+            f"keep must have shape (B, n - P) with B = {b} and 1 <= n - P <= n = {n}, "
+            f"got {list(keep.shape)}",
         )
     if sizes is not None:
-        if sizes.dtype != torch.float32:
-            raise ValueError(f"{_OP}: sizes must be float32, got {sizes.dtype}")
+        check_dtype(_OP, sizes, "sizes", torch.float32)
         if tuple(sizes.shape) != (b, big_n):
-            raise ValueError(
-                f"{_OP}: sizes must have shape (B, N) = ({b}, {big_n}), got {list(sizes.shape)}"
-            )
-    for name, t in (("index", index), ("weight", weight), ("keep", keep), ("sizes", sizes)):
-        if t is not None and t.device != x.device:
-            raise ValueError(
-                f"{_OP}: {name} must be on the same device as x ({x.device}), got {t.device}"
-            )
+            fail(_OP, f"sizes must have shape (B, N) = ({b}, {big_n}), got {list(sizes.shape)}")
+    check_same_device(_OP, x, "x", index=index, weight=weight, keep=keep, sizes=sizes)
     if not values:
         return
     if math.isnan(alpha):
-        raise ValueError(f"{_OP}: alpha must not be NaN")
+        fail(_OP, "alpha must not be NaN")
     if index.numel() > 0 and bool(((index < -1) | (index >= n)).any()):
-        raise ValueError(f"{_OP}: index entries must be in [-1, n) = [-1, {n}), got out of range")
+        fail(_OP, f"index entries must be in [-1, n) = [-1, {n}), got out of range")
     if keep.numel() > 0:
         if bool(((keep < 0) | (keep >= n)).any()):
-            raise ValueError(f"{_OP}: keep entries must be in [0, n) = [0, {n}), got out of range")
+            fail(_OP, f"keep entries must be in [0, n) = [0, {n}), got out of range")
         if bool((keep.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError(f"{_OP}: keep has duplicate entries in a row")
+            fail(_OP, "keep has duplicate entries in a row")
 
 
 def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

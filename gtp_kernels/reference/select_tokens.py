@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from gtp_kernels.reference._checks import check_dim, check_dtype, check_in_range, fail
+
 _OP = "gtp.select_tokens"
 
 
 def check_select_tokens_args(score: torch.Tensor, num_prop: int) -> None:
     """Same checks, same messages as the C++ kernel (the errors name the argument)."""
-    if score.dim() != 2:
-        raise ValueError(f"{_OP}: score must have 2 dimensions, got shape {list(score.shape)}")
-    if score.dtype != torch.float32:
-        raise ValueError(f"{_OP}: score must be float32, got {score.dtype}")
+    check_dim(_OP, score, "score", 2)
+    check_dtype(_OP, score, "score", torch.float32)
     n = score.shape[1]
-    if num_prop < 0 or num_prop > n - 1:
-        raise ValueError(f"{_OP}: num_prop must be in [0, n - 1] = [0, {n - 1}], got {num_prop}")
+    check_in_range(_OP, "num_prop", num_prop, 0, n - 1, "[0, n - 1]")
     if score.numel() > 0 and torch.isnan(score).any():
-        raise ValueError(f"{_OP}: score contains NaN")
+        fail(_OP, "score contains NaN")
 
 
 def select_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:
