@@ -328,6 +328,27 @@ def test_radix_select_equals_nth_element(n, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [197, 577])
+@pytest.mark.parametrize("spread", [0.02, 0.3, 1.0])
+def test_windowed_select_near_uniform(n, spread, monkeypatch):
+    """Near-uniform attention (small logits, as in a random-initialised ViT) puts almost every
+    probability of a tile into one or two level-1 buckets; the windowed select then narrows its
+    bracket with the sampled offsets (spread 0.02, 0.3) instead of taking whole buckets (1.0).
+    All exact: bitwise equal to std::nth_element."""
+    torch.manual_seed(n)
+    q = torch.randn(2, 2, n, 16) * spread
+    k = torch.randn(2, 2, n, 16) * spread
+    v = torch.randn(2, 2, n, 8)
+    for theta in (0.9, 0.6, 0.3):
+        args = (q, k, v, torch.randn(2, n) * 0.1, 0.25, theta, 1, "mixed_max")
+        o_win, s_win = torch.ops.gtp.attention(*args)
+        monkeypatch.setenv("GTP_ATTENTION_SELECT", "nth_element")
+        o_nth, s_nth = torch.ops.gtp.attention(*args)
+        monkeypatch.delenv("GTP_ATTENTION_SELECT")
+        assert torch.equal(o_win, o_nth) and torch.equal(s_win, s_nth), theta
+
+
+@needs_kernel
 def test_select_window_missed(monkeypatch):
     """The windowed select samples 1 probability in 8 (flat index). Here every sampled entry is
     tiny (key columns j % 8 == 0 get logits ~ -20), so the sample's bracket misses rank kk and

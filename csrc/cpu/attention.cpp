@@ -176,36 +176,101 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   return attention::key_prob(finish_select(cand, c, kk, b1, hist));
 }
 
-// The same exact result, faster on large maps: a histogram of a strided sample (1 key in 8)
-// brackets rank kk by a window of level-1 buckets, one vectorised pass counts the keys below
-// the window and compacts the keys inside it, and the radix levels run on the window only.
-// Falls back to radix_select when the window misses rank kk (rare: the bracket is the buckets
-// of the sample ranks +-4 sigma around the estimate).
-float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
+// Exact rank-r key (1-based) among the c keys of cand, all in [base, base + span): radix levels
+// over the offsets key - base, 11 bits at a time from the top bit of span - 1, each level
+// compacting the keys of the chosen bin in place (at most three levels). Working on offsets
+// spreads keys that share their high bits (near-uniform probabilities) over many bins, so the
+// histogram increments do not queue on one counter. hist: 2048 entries of scratch.
+uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uint64_t span,
+                        uint32_t* hist) {
+  int bits = span <= 1 ? 0 : 64 - __builtin_clzll(span - 1);  // offsets fit in `bits` bits
+  while (true) {
+    const int shift = std::max(bits - 11, 0);
+    const uint32_t bins = static_cast<uint32_t>(((span - 1) >> shift) + 1);  // <= 2048
+    std::fill(hist, hist + bins, 0u);
+    for (int64_t j = 0; j < c; ++j) hist[(cand[j] - base) >> shift]++;
+    const uint32_t b = find_bucket(hist, bins, r);
+    if (shift == 0) return base + b;
+    int64_t m = 0;
+    for (int64_t j = 0; j < c; ++j) {  // in place: m <= j
+      const uint32_t key = cand[j];
+      cand[m] = key;
+      m += ((key - base) >> shift) == b;
+    }
+    c = m;
+    base += b << shift;
+    span = uint64_t{1} << shift;
+    bits = shift;
+  }
+}
+
+// The same exact result, faster on large maps: a strided sample (1 key in 8) brackets rank kk
+// by a window of keys, one vectorised pass counts the keys below the window and compacts the
+// keys inside it, and select_offsets finishes on the window only. The bracket is the sample
+// ranks +-4 sigma around the estimate, first as level-1 buckets (bits 20..30); when those
+// buckets hold many more samples than the bracket needs (near-uniform probabilities share
+// their high bits: a random-initialised ViT's attention puts almost every entry of a tile in
+// one or two buckets), a histogram of the sampled offsets inside them narrows it to 1/2048 of
+// their span. Falls back to radix_select when the window misses rank kk (rare).
+// samp: count / 8 + 8 entries of scratch.
+float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand,
+                 uint32_t* samp) {
 #if defined(__AVX512F__)
   constexpr int64_t kStep = 8;
   if (count >= 64 * kStep) {
     std::fill(hist, hist + 4 * 2048, 0u);  // four interleaved histograms, as in radix_select
     int64_t ns = 0, i = 0;
     for (; i + 4 * kStep <= count; i += 4 * kStep, ns += 4) {
-      hist[attention::prob_key(x[i]) >> 20]++;
-      hist[2048 + (attention::prob_key(x[i + kStep]) >> 20)]++;
-      hist[4096 + (attention::prob_key(x[i + 2 * kStep]) >> 20)]++;
-      hist[6144 + (attention::prob_key(x[i + 3 * kStep]) >> 20)]++;
+      for (int u = 0; u < 4; ++u) samp[ns + u] = attention::prob_key(x[i + u * kStep]);
+      hist[samp[ns] >> 20]++;
+      hist[2048 + (samp[ns + 1] >> 20)]++;
+      hist[4096 + (samp[ns + 2] >> 20)]++;
+      hist[6144 + (samp[ns + 3] >> 20)]++;
     }
-    for (; i < count; i += kStep, ++ns) hist[attention::prob_key(x[i]) >> 20]++;
+    for (; i < count; i += kStep, ++ns) {
+      samp[ns] = attention::prob_key(x[i]);
+      hist[samp[ns] >> 20]++;
+    }
     for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
     const double p = static_cast<double>(kk) / static_cast<double>(count);
     const double est = p * static_cast<double>(ns);
     const double margin = 4.0 * std::sqrt(static_cast<double>(ns) * p * (1.0 - p)) + 2.0;
-    int64_t lo_rank = std::max<int64_t>(1, static_cast<int64_t>(est - margin));
-    int64_t hi_rank = std::min<int64_t>(ns, static_cast<int64_t>(est + margin) + 1);
-    const uint32_t b_lo = find_bucket(hist, 2048, lo_rank);
-    const uint32_t b_hi = find_bucket(hist, 2048, hi_rank);
-    const uint32_t lo_key = b_lo << 20, hi_key = (b_hi + 1) << 20;  // window [lo_key, hi_key)
+    const int64_t lo_rank = std::max<int64_t>(1, static_cast<int64_t>(est - margin));
+    const int64_t hi_rank = std::min<int64_t>(ns, static_cast<int64_t>(est + margin) + 1);
+    int64_t r_lo = lo_rank, r_hi = hi_rank;
+    const uint32_t b_lo = find_bucket(hist, 2048, r_lo);
+    const uint32_t b_hi = find_bucket(hist, 2048, r_hi);
+    uint32_t lo_key = b_lo << 20;
+    uint64_t hi_key = uint64_t{b_hi + 1} << 20;  // window [lo_key, hi_key)
+    int64_t in_buckets = 0;
+    for (uint32_t b = b_lo; b <= b_hi; ++b) in_buckets += hist[b];
+    if (in_buckets > 2 * (hi_rank - lo_rank + 1)) {
+      const uint64_t span = hi_key - lo_key;
+      const int shift = 64 - __builtin_clzll(span - 1) - 11;  // span >= 2^20: shift >= 9
+      const uint32_t bins = static_cast<uint32_t>(((span - 1) >> shift) + 1);
+      uint32_t* fine = hist + 2048;  // tables 1..3 are free after the merge
+      // Compact the sampled offsets inside the buckets first (branch free: in and out
+      // alternate unpredictably; off wraps to a large value below lo_key), then histogram
+      // them: counting the outside ones too would queue them all on one counter.
+      int64_t m = 0;
+      for (int64_t j = 0; j < ns; ++j) {
+        const uint32_t off = samp[j] - lo_key;
+        samp[m] = off;
+        m += off < span;
+      }
+      std::fill(fine, fine + bins, 0u);
+      for (int64_t j = 0; j < m; ++j) fine[samp[j] >> shift]++;
+      // r_lo and r_hi are already the ranks inside b_lo and b_hi; make both relative to lo_key
+      const int64_t below_hi = in_buckets - hist[b_hi];
+      int64_t f_lo = r_lo, f_hi = r_hi + below_hi;
+      const uint32_t s_lo = find_bucket(fine, bins, f_lo);
+      const uint32_t s_hi = find_bucket(fine, bins, f_hi);
+      hi_key = lo_key + (uint64_t{s_hi + 1} << shift);
+      lo_key += s_lo << shift;
+    }
     const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
     const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
-    const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi_key));
+    const __m512i vhi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(hi_key)));
     // Two output streams (the first half of cand and from offset count / 2 + 32 on), so the
     // two compactions per step do not wait on each other's running count; joined after.
     uint32_t* cand_b = cand + count / 2 + 32;
@@ -233,17 +298,8 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
       c += key >= lo_key && key < hi_key;
     }
     if (below < kk && kk <= below + c) {
-      int64_t r = kk - below;
-      std::fill(hist, hist + 2048, 0u);
-      for (int64_t j = 0; j < c; ++j) hist[cand[j] >> 20]++;
-      const uint32_t b1 = find_bucket(hist, 2048, r);
-      int64_t m = 0;
-      for (int64_t j = 0; j < c; ++j) {  // in place: m <= j
-        const uint32_t key = cand[j];
-        cand[m] = key;
-        m += (key >> 20) == b1;
-      }
-      return attention::key_prob(finish_select(cand, m, r, b1, hist));
+      return attention::key_prob(
+          select_offsets(cand, c, kk - below, lo_key, hi_key - lo_key, hist));
     }
   }
 #endif
@@ -371,6 +427,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::unique_ptr<T[]> obuf(direct_out ? nullptr : new T[N * dv]);
     std::unique_ptr<uint32_t[]> hist(kk > 0 && radix ? new uint32_t[4 * 2048] : nullptr);
     std::unique_ptr<uint32_t[]> cand(kk > 0 && radix ? new uint32_t[NN + 64] : nullptr);
+    std::unique_ptr<uint32_t[]> samp(kk > 0 && radix ? new uint32_t[NN / 8 + 8] : nullptr);
     std::unique_ptr<T[]> copy(kk > 0 && !radix ? new T[NN] : nullptr);
     double* secs = profile.on ? thread_secs.data() + kNumPhases * at::get_thread_num() : nullptr;
     auto t_last = Clock::now();
@@ -422,9 +479,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       if (kk > 0) {
         T tau;
         if constexpr (std::is_same_v<T, float>) {
-          tau = !radix                      ? nth_select(s, NN, kk, copy.get())
-                : select == Select::kRadix ? radix_select(s, NN, kk, hist.get(), cand.get())
-                                           : select_kth(s, NN, kk, hist.get(), cand.get());
+          tau = !radix ? nth_select(s, NN, kk, copy.get())
+                : select == Select::kRadix
+                    ? radix_select(s, NN, kk, hist.get(), cand.get())
+                    : select_kth(s, NN, kk, hist.get(), cand.get(), samp.get());
         } else {
           tau = nth_select(s, NN, kk, copy.get());
         }
