@@ -176,6 +176,7 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   return attention::key_prob(finish_select(cand, c, kk, b1, hist));
 }
 
+#if defined(__AVX512F__)  // used by the windowed select only
 // Exact rank-r key (1-based) among the c keys of cand, all in [base, base + span): radix levels
 // over the offsets key - base, 11 bits at a time from the top bit of span - 1, each level
 // compacting the keys of the chosen bin in place (at most three levels). Working on offsets
@@ -203,6 +204,8 @@ uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uin
     bits = shift;
   }
 }
+
+#endif
 
 // The same exact result, faster on large maps: a strided sample (1 key in 8) brackets rank kk
 // by a window of keys, one vectorised pass counts the keys below the window and compacts the
