@@ -300,9 +300,9 @@ def test_lowest_three_tokens_match_reference(theta, log_sizes):
 @needs_kernel
 @pytest.mark.parametrize("n", [5, 50, 197, 577])
 def test_radix_select_equals_nth_element(n, monkeypatch):
-    """The windowed and the plain radix select find exactly the value std::nth_element finds:
-    bitwise equal outputs, also with many exact ties (integer logits: few distinct values per
-    row) and with kk = N * N - 1 (theta 1e-9)."""
+    """The windowed select (with and without its AVX-512 pass) and the plain radix select find
+    exactly the value std::nth_element finds: bitwise equal outputs, also with many exact ties
+    (integer logits: few distinct values per row) and with kk = N * N - 1 (theta 1e-9)."""
     torch.manual_seed(n)
     h = 2 if n == 577 else 3
     q = torch.randint(-2, 3, (1, h, n, 4)).float()
@@ -311,7 +311,7 @@ def test_radix_select_equals_nth_element(n, monkeypatch):
     for theta in (0.9, 0.6, 0.3, 1e-9):
         args = (q, k, v, None, 0.5, theta, 1, "mixed_max")
         o_win, s_win = torch.ops.gtp.attention(*args)  # default: sample-windowed radix
-        for method in ("radix", "nth_element"):
+        for method in ("radix", "nth_element", "windowed_scalar"):
             monkeypatch.setenv("GTP_ATTENTION_SELECT", method)
             o, s = torch.ops.gtp.attention(*args)
             assert torch.equal(o_win, o) and torch.equal(s_win, s), method
@@ -342,10 +342,11 @@ def test_windowed_select_near_uniform(n, spread, monkeypatch):
     for theta in (0.9, 0.6, 0.3):
         args = (q, k, v, torch.randn(2, n) * 0.1, 0.25, theta, 1, "mixed_max")
         o_win, s_win = torch.ops.gtp.attention(*args)
-        monkeypatch.setenv("GTP_ATTENTION_SELECT", "nth_element")
-        o_nth, s_nth = torch.ops.gtp.attention(*args)
+        for method in ("nth_element", "windowed_scalar"):
+            monkeypatch.setenv("GTP_ATTENTION_SELECT", method)
+            o, s = torch.ops.gtp.attention(*args)
+            assert torch.equal(o_win, o) and torch.equal(s_win, s), (method, theta)
         monkeypatch.delenv("GTP_ATTENTION_SELECT")
-        assert torch.equal(o_win, o_nth) and torch.equal(s_win, s_nth), theta
 
 
 @needs_kernel

@@ -16,8 +16,10 @@
 // load), float64 in float64, exactly like gtp_kernels/reference/attention.py.
 //
 // Developer knobs (environment, read per call; not part of the API):
-//   GTP_ATTENTION_SELECT=radix|nth_element   plain radix select, or std::nth_element on a copy,
-//                                      instead of the sample-windowed radix select
+//   GTP_ATTENTION_SELECT=radix|nth_element|windowed_scalar   plain radix select,
+//                                      std::nth_element on a copy, or the windowed select
+//                                      without its AVX-512 pass (what a build without AVX-512
+//                                      runs), instead of the sample-windowed radix select
 //   GTP_ATTENTION_GEMM=aten            at::mm_out on from_blob views instead of the BLAS calls
 //   GTP_ATTENTION_PROFILE=<file>       append per-phase thread-seconds of this call to <file>
 #include <ATen/ATen.h>
@@ -176,7 +178,6 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   return attention::key_prob(finish_select(cand, c, kk, b1, hist));
 }
 
-#if defined(__AVX512F__)  // used by the windowed select only
 // Exact rank-r key (1-based) among the c keys of cand, all in [base, base + span): radix levels
 // over the offsets key - base, 11 bits at a time from the top bit of span - 1, each level
 // compacting the keys of the chosen bin in place (at most three levels). Working on offsets
@@ -205,11 +206,58 @@ uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uin
   }
 }
 
+// One pass over the tile for the windowed select: counts the keys below lo_key (returned in
+// `below`) and compacts the keys in [lo_key, hi_key) into cand (count + 64 entries); returns
+// how many. Branch free (in and out of the window alternate unpredictably): the store always
+// happens, the count moves on a hit. simd: the AVX-512 version (compress stores), when built.
+int64_t compact_window(const float* x, int64_t count, uint32_t lo_key, uint64_t hi_key,
+                       uint32_t* cand, int64_t& below, bool simd) {
+  int64_t i = 0, c = 0;
+  below = 0;
+#if defined(__AVX512F__)
+  if (simd) {
+    const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
+    const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
+    const __m512i vhi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(hi_key)));
+    // Two output streams (the first half of cand and from offset count / 2 + 32 on), so the
+    // two compactions per step do not wait on each other's running count; joined after.
+    uint32_t* cand_b = cand + count / 2 + 32;
+    int64_t cb = 0;
+    for (; i + 32 <= count; i += 32) {
+      const __m512i k0 = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
+      const __m512i k1 = _mm512_and_si512(_mm512_loadu_si512(x + i + 16), sign_off);
+      const __mmask16 lt0 = _mm512_cmplt_epu32_mask(k0, vlo);
+      const __mmask16 lt1 = _mm512_cmplt_epu32_mask(k1, vlo);
+      const __mmask16 in0 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt0), k0, vhi);
+      const __mmask16 in1 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt1), k1, vhi);
+      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in0, k0));  // 16 slack
+      _mm512_storeu_si512(cand_b + cb, _mm512_maskz_compress_epi32(in1, k1));
+      below += __builtin_popcount(static_cast<unsigned>(lt0)) +
+               __builtin_popcount(static_cast<unsigned>(lt1));
+      c += __builtin_popcount(static_cast<unsigned>(in0));
+      cb += __builtin_popcount(static_cast<unsigned>(in1));
+    }
+    std::memmove(cand + c, cand_b, cb * sizeof(uint32_t));
+    c += cb;
+  }
+#else
+  (void)simd;
 #endif
+  // One unsigned compare for "inside": keys below lo_key wrap to values >= 2^31 > span. (Two
+  // compares joined by && compile to a branch, mispredicted on every other key.)
+  const uint64_t span = hi_key - lo_key;
+  for (; i < count; ++i) {
+    const uint32_t key = attention::prob_key(x[i]);
+    below += key < lo_key;
+    cand[c] = key;
+    c += static_cast<uint32_t>(key - lo_key) < span;
+  }
+  return c;
+}
 
 // The same exact result, faster on large maps: a strided sample (1 key in 8) brackets rank kk
-// by a window of keys, one vectorised pass counts the keys below the window and compacts the
-// keys inside it, and select_offsets finishes on the window only. The bracket is the sample
+// by a window of keys, one pass (compact_window) counts the keys below the window and compacts
+// the keys inside it, and select_offsets finishes on the window only. The bracket is the sample
 // ranks +-4 sigma around the estimate, first as level-1 buckets (bits 20..30); when those
 // buckets hold many more samples than the bracket needs (near-uniform probabilities share
 // their high bits: a random-initialised ViT's attention puts almost every entry of a tile in
@@ -217,8 +265,7 @@ uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uin
 // their span. Falls back to radix_select when the window misses rank kk (rare).
 // samp: count / 8 + 8 entries of scratch.
 float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand,
-                 uint32_t* samp) {
-#if defined(__AVX512F__)
+                 uint32_t* samp, bool simd) {
   constexpr int64_t kStep = 8;
   if (count >= 64 * kStep) {
     std::fill(hist, hist + 4 * 2048, 0u);  // four interleaved histograms, as in radix_select
@@ -271,41 +318,13 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
       hi_key = lo_key + (uint64_t{s_hi + 1} << shift);
       lo_key += s_lo << shift;
     }
-    const __m512i sign_off = _mm512_set1_epi32(0x7fffffff);
-    const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo_key));
-    const __m512i vhi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(hi_key)));
-    // Two output streams (the first half of cand and from offset count / 2 + 32 on), so the
-    // two compactions per step do not wait on each other's running count; joined after.
-    uint32_t* cand_b = cand + count / 2 + 32;
-    int64_t below = 0, c = 0, cb = 0;
-    for (i = 0; i + 32 <= count; i += 32) {
-      const __m512i k0 = _mm512_and_si512(_mm512_loadu_si512(x + i), sign_off);
-      const __m512i k1 = _mm512_and_si512(_mm512_loadu_si512(x + i + 16), sign_off);
-      const __mmask16 lt0 = _mm512_cmplt_epu32_mask(k0, vlo);
-      const __mmask16 lt1 = _mm512_cmplt_epu32_mask(k1, vlo);
-      const __mmask16 in0 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt0), k0, vhi);
-      const __mmask16 in1 = _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~lt1), k1, vhi);
-      _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(in0, k0));  // 16 slack
-      _mm512_storeu_si512(cand_b + cb, _mm512_maskz_compress_epi32(in1, k1));
-      below += __builtin_popcount(static_cast<unsigned>(lt0)) +
-               __builtin_popcount(static_cast<unsigned>(lt1));
-      c += __builtin_popcount(static_cast<unsigned>(in0));
-      cb += __builtin_popcount(static_cast<unsigned>(in1));
-    }
-    std::memmove(cand + c, cand_b, cb * sizeof(uint32_t));
-    c += cb;
-    for (; i < count; ++i) {
-      const uint32_t key = attention::prob_key(x[i]);
-      below += key < lo_key;
-      cand[c] = key;
-      c += key >= lo_key && key < hi_key;
-    }
+    int64_t below = 0;
+    const int64_t c = compact_window(x, count, lo_key, hi_key, cand, below, simd);
     if (below < kk && kk <= below + c) {
       return attention::key_prob(
           select_offsets(cand, c, kk - below, lo_key, hi_key - lo_key, hist));
     }
   }
-#endif
   return radix_select(x, count, kk, hist, cand);
 }
 
@@ -381,8 +400,9 @@ bool blas_ready(const at::Tensor& t, int64_t cols) {
 }
 
 // How the threshold is found (all exact, same result): the sample-windowed radix select (the
-// default), the plain 3-level radix select, or std::nth_element on a copy (reference timing).
-enum class Select { kWindowed, kRadix, kNthElement };
+// default; its one full pass with AVX-512 when built with it), the same with the portable pass,
+// the plain 3-level radix select, or std::nth_element on a copy (reference timing).
+enum class Select { kWindowed, kWindowedScalar, kRadix, kNthElement };
 
 enum Phase { kPack, kQK, kSoftmax, kSelect, kMask, kAV, kNumPhases };
 
@@ -482,10 +502,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       if (kk > 0) {
         T tau;
         if constexpr (std::is_same_v<T, float>) {
-          tau = !radix ? nth_select(s, NN, kk, copy.get())
-                : select == Select::kRadix
-                    ? radix_select(s, NN, kk, hist.get(), cand.get())
-                    : select_kth(s, NN, kk, hist.get(), cand.get(), samp.get());
+          tau = !radix                     ? nth_select(s, NN, kk, copy.get())
+                : select == Select::kRadix ? radix_select(s, NN, kk, hist.get(), cand.get())
+                                           : select_kth(s, NN, kk, hist.get(), cand.get(),
+                                                        samp.get(), select == Select::kWindowed);
         } else {
           tau = nth_select(s, NN, kk, copy.get());
         }
@@ -606,9 +626,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const int64_t kk = attention::num_masked(N, sparsity);
   const char* sel_env = std::getenv("GTP_ATTENTION_SELECT");
   const std::string sel = sel_env == nullptr ? "" : sel_env;
-  const Select select = sel == "nth_element" ? Select::kNthElement
-                        : sel == "radix"     ? Select::kRadix
-                                             : Select::kWindowed;
+  const Select select = sel == "nth_element"       ? Select::kNthElement
+                        : sel == "radix"           ? Select::kRadix
+                        : sel == "windowed_scalar" ? Select::kWindowedScalar
+                                                   : Select::kWindowed;
   const char* gemm_env = std::getenv("GTP_ATTENTION_GEMM");
   const bool use_blas = gemm_env == nullptr || std::string(gemm_env) != "aten";
   const char* prof_env = std::getenv("GTP_ATTENTION_PROFILE");
