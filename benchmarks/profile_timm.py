@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -198,15 +199,11 @@ def _attention_phases(model, x) -> dict[str, float]:
 
 
 def _profile_once(model, x) -> dict[str, float]:
-    import time
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         model(x)
         wall_us = (time.perf_counter() - start) * 1e6
-    ms = _categorise(prof.events(), wall_us)
-    ms["_wall"] = wall_us / 1e3
-    return ms
+    return _categorise(prof.events(), wall_us)
 
 
 def main(argv=None) -> None:
@@ -248,7 +245,7 @@ def main(argv=None) -> None:
             fused = run.pop("_fused_attention")
             for cat, frac in phases.get(name, {"attention": 1.0}).items():
                 run[cat] += frac * fused
-        table[name] = {k: statistics.median(run[k] for run in runs) for k in (*CATEGORIES, "_wall")}
+        table[name] = {k: statistics.median(run[k] for run in runs) for k in CATEGORIES}
 
     header = ["category"]
     for name in variants:

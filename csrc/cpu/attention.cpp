@@ -134,50 +134,6 @@ inline uint32_t find_bucket(const uint32_t* hist, uint32_t bins, int64_t& kk) {
   return b;
 }
 
-// Levels 2 and 3 of the radix select: the rank-kk key (1-based) among `c` keys of `cand` that
-// all share bits 20..30 = b1. hist: 2048 entries of scratch.
-uint32_t finish_select(const uint32_t* cand, int64_t c, int64_t kk, uint32_t b1, uint32_t* hist) {
-  std::fill(hist, hist + 2048, 0u);
-  for (int64_t j = 0; j < c; ++j) hist[(cand[j] >> 10) & 1023u]++;
-  const uint32_t b2 = find_bucket(hist, 1024, kk);
-  uint32_t* hist3 = hist + 1024;
-  for (int64_t j = 0; j < c; ++j) {
-    const uint32_t key = cand[j];
-    hist3[key & 1023u] += ((key >> 10) & 1023u) == b2;
-  }
-  const uint32_t b3 = find_bucket(hist3, 1024, kk);
-  return (b1 << 20) | (b2 << 10) | b3;
-}
-
-// Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
-// sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
-// the keys of that bucket are compacted and two histograms (bits 10..19, 0..9) finish.
-// hist: 4 * 2048 entries of scratch; cand: count + 64 entries of scratch.
-float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
-  // Level 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
-  // histograms keep consecutive increments of one bucket from waiting on each other.
-  std::fill(hist, hist + 4 * 2048, 0u);
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) {
-    hist[attention::prob_key(x[i]) >> 20]++;
-    hist[2048 + (attention::prob_key(x[i + 1]) >> 20)]++;
-    hist[4096 + (attention::prob_key(x[i + 2]) >> 20)]++;
-    hist[6144 + (attention::prob_key(x[i + 3]) >> 20)]++;
-  }
-  for (; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
-  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
-  const uint32_t b1 = find_bucket(hist, 2048, kk);
-  // compact the keys of bucket b1 (branch free: the store always happens, the count moves on
-  // a hit)
-  int64_t c = 0;
-  for (i = 0; i < count; ++i) {
-    const uint32_t key = attention::prob_key(x[i]);
-    cand[c] = key;
-    c += (key >> 20) == b1;
-  }
-  return attention::key_prob(finish_select(cand, c, kk, b1, hist));
-}
-
 // Exact rank-r key (1-based) among the c keys of cand, all in [base, base + span): radix levels
 // over the offsets key - base, 11 bits at a time from the top bit of span - 1, each level
 // compacting the keys of the chosen bin in place (at most three levels). Working on offsets
@@ -204,6 +160,35 @@ uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uin
     span = uint64_t{1} << shift;
     bits = shift;
   }
+}
+
+// Exact kk-th smallest (1-based, 1 <= kk <= count) of `count` non-negative floats, without
+// sorting: a histogram of key bits 20..30 (the sign bit is 0) picks the bucket holding rank kk;
+// the keys of that bucket are compacted and select_offsets finishes on them.
+// hist: 4 * 2048 entries of scratch; cand: count + 64 entries of scratch.
+float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint32_t* cand) {
+  // Level 1 over all keys. Neighbouring probabilities often share a bucket; four interleaved
+  // histograms keep consecutive increments of one bucket from waiting on each other.
+  std::fill(hist, hist + 4 * 2048, 0u);
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    hist[attention::prob_key(x[i]) >> 20]++;
+    hist[2048 + (attention::prob_key(x[i + 1]) >> 20)]++;
+    hist[4096 + (attention::prob_key(x[i + 2]) >> 20)]++;
+    hist[6144 + (attention::prob_key(x[i + 3]) >> 20)]++;
+  }
+  for (; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
+  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+  const uint32_t b1 = find_bucket(hist, 2048, kk);
+  // compact the keys of bucket b1 (branch free: the store always happens, the count moves on
+  // a hit)
+  int64_t c = 0;
+  for (i = 0; i < count; ++i) {
+    const uint32_t key = attention::prob_key(x[i]);
+    cand[c] = key;
+    c += (key >> 20) == b1;
+  }
+  return attention::key_prob(select_offsets(cand, c, kk, b1 << 20, uint64_t{1} << 20, hist));
 }
 
 // One pass over the tile for the windowed select: counts the keys below lo_key (returned in
