@@ -74,6 +74,21 @@ def _decide_cuda():
     return True, f"CUDA_HOME={home}, torch CUDA {torch.version.cuda}"
 
 
+# ptxas: -warn-spills and -warn-lmem-usage turn register spills and any local memory (stack
+# frames, dynamically indexed local arrays, which -warn-spills alone does not see) into
+# warnings, and -Werror makes those warnings fail the build: a kernel that spills does not
+# ship. Host code (and nvcc's own diagnostics) with warnings as errors as well.
+NVCC_STRICT = [
+    "-Xptxas=-v,-warn-spills,-warn-lmem-usage,-Werror",
+    "-Xcompiler=-Wall,-Werror,-Wno-unused-function",
+    "--Werror=all-warnings",
+]
+
+
+def _nvcc_flags(opt):
+    return [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *NVCC_STRICT]
+
+
 def _extensions():
     if os.environ.get("GTP_NO_EXTENSION") == "1":
         _log("GTP_NO_EXTENSION=1: not building gtp_kernels._C")
@@ -93,7 +108,7 @@ def _extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra["nvcc"] = [*opt, "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = _nvcc_flags(opt)
         define_macros.append(("GTP_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
         _log(f"CUDA kernels: yes ({why}; arch list {os.environ['TORCH_CUDA_ARCH_LIST']})")
