@@ -195,25 +195,31 @@ def _sample(name, dtype=torch.float32, **over):
     return args
 
 
-def _kernel_probs(q, k, log_sizes, scale, theta):
-    """The kernel's own masked probabilities: with v = I, out = A (in the compute dtype)."""
+def _kernel_probs(q, k, log_sizes, scale, theta, same_dtype=False):
+    """The kernel's own masked probabilities: with v = I, out = A (in the compute dtype).
+
+    same_dtype: run the kernel in q's dtype (its own mask when a float16/bfloat16 kernel computes
+    scores differently from the float32 one, as tensor cores do); A is then rounded to q's dtype,
+    which keeps every nonzero probability nonzero."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = q.dtype if same_dtype else compute
     b, h, n, _ = q.shape
-    eye = torch.eye(n, dtype=compute).expand(b, h, n, n)
+    eye = torch.eye(n, dtype=dtype, device=q.device).expand(b, h, n, n)
     a, _ = torch.ops.gtp.attention(
-        q.to(compute), k.to(compute), eye, log_sizes, scale, theta, 0, "none"
+        q.to(dtype), k.to(dtype), eye, log_sizes, scale, theta, 0, "none"
     )
-    return a
+    return a.to(compute)
 
 
-def check_against_reference(args):
+def check_against_reference(args, same_dtype=False):
     """Kernel vs reference, robust to near-ties at the threshold.
 
     The kernel and the reference round the probabilities differently (~1e-7 relative), so an
     entry within rounding of tau may be masked by one and kept by the other. This reads the
     kernel's mask (v = I), checks that every disagreement with the reference's mask lies within
     rounding of the reference's tau, then compares out and score with the reference's
-    probabilities under the kernel's mask. Returns the number of such flipped entries.
+    probabilities under the kernel's mask. Returns the number of such flipped entries. Works on
+    any device (CUDA tensors run the CUDA kernel).
     """
     q, k, v, ls = args["q"], args["k"], args["v"], args["log_sizes"]
     scale, theta, m, score = args["scale"], args["sparsity"], args["num_prefix"], args["score"]
@@ -228,7 +234,7 @@ def check_against_reference(args):
     kk = num_masked(n, theta)
     flips = 0
     if kk > 0:
-        a_k = _kernel_probs(q, k, ls, scale, theta)
+        a_k = _kernel_probs(q, k, ls, scale, theta, same_dtype)
         tau = a_ref.flatten(2).kthvalue(kk, dim=-1).values[..., None, None]
         ref_kept = a_ref >= tau
         k_kept = a_k != 0

@@ -1,7 +1,12 @@
 // Warp-collective code (shuffles, ballots, __syncwarp) only follows loops whose trip count is
-// the same on every lane (`for (base = 0; base < n; base += 32) { i = base + lane; if (i < n)`):
-// after a loop with lane-dependent bounds the sm_80 compiler cannot prove the warp converged and
-// calls out-of-line sync routines, whose calling convention then spills registers.
+// the same on every lane (`for (base = 0; base < n; base += 32) { i = base + lane; if (i < n)`)
+// and branches on values the compiler knows to be warp-uniform (warp_uniform below): otherwise
+// the sm_80 compiler cannot prove the warp converged and calls out-of-line sync routines, whose
+// calling convention then spills registers (the build fails on spills).
+//
+// Every kernel states __launch_bounds__(threads, min_blocks): given only the block size, the
+// CUDA 13 ptxas aims at full occupancy (2048 threads per SM, so 32 registers a thread) and
+// spills to get there.
 //
 // Device-side building blocks of the gtp CUDA kernels: element conversions, deterministic warp
 // reductions, the shared-memory histogram counter of the radix selects and the warp / block
@@ -87,6 +92,15 @@ __device__ __forceinline__ uint32_t warp_inclusive_scan(uint32_t v, int lane) {
   return v;
 }
 
+// Lane 0's value on every lane. Also tells the compiler the value is warp-uniform (its
+// divergence analysis treats a shuffle from a constant lane so), which keeps branches on a warp
+// index or on a row loaded by every lane from making later warp collectives "maybe divergent"
+// (the out-of-line sync routines of the comment at the top of this file).
+template <typename T>
+__device__ __forceinline__ T warp_uniform(T v) {
+  return __shfl_sync(kFullMask, v, 0);
+}
+
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
 // Counts keys into a shared-memory histogram. Runs of equal digits on one thread are added with
@@ -116,7 +130,7 @@ struct RunCounter {
 // match them (1-based), how many keys lie below that prefix (less), and after the last level
 // how many keys equal the selected one (equal).
 struct SelectState {
-  uint32_t prefix;
+  uint64_t prefix;  // 32-bit keys use the low half
   int64_t rank;
   int64_t less;
   int64_t equal;
@@ -151,16 +165,17 @@ __device__ __forceinline__ uint32_t warp_take_bucket(const uint32_t* hist, uint3
   st.less += st.rank - new_rank;
   st.rank = new_rank;
   st.equal = count;
-  st.prefix |= bucket << level.shift;
+  st.prefix |= static_cast<uint64_t>(bucket) << level.shift;
   return bucket;
 }
 
-// Block-level step, the same for up to 2048 bins (all threads of the block call it; blockDim.x a
-// multiple of 32). scratch: 32 uint32 for the warp totals. The owner publishes the result
-// through *out, which every thread reads after the closing barrier.
+// Block-level step, the same for up to 2048 bins and 32- or 64-bit keys (all threads of the
+// block call it; blockDim.x a multiple of 32). scratch: 32 uint32 for the warp totals. The
+// owner thread updates *st, which every thread reads after the closing barrier.
+template <typename Key>
 __device__ __forceinline__ void block_take_bucket(const uint32_t* hist, uint32_t bins,
-                                                  const radix::Level& level, SelectState* st,
-                                                  uint32_t* scratch) {
+                                                  const radix::LevelT<Key>& level,
+                                                  SelectState* st, uint32_t* scratch) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nthreads = blockDim.x, nwarps = nthreads >> 5;
   const uint32_t per = (bins + nthreads - 1) / nthreads;
@@ -181,7 +196,7 @@ __device__ __forceinline__ void block_take_bucket(const uint32_t* hist, uint32_t
     st->less += rank - r;
     st->rank = r;
     st->equal = hist[bucket];
-    st->prefix |= bucket << level.shift;
+    st->prefix |= static_cast<uint64_t>(bucket) << level.shift;
   }
   __syncthreads();
 }
@@ -202,7 +217,7 @@ __device__ uint32_t warp_radix_select(KeyOf key_of, int64_t count, int64_t r, ui
     for (int64_t base = 0; base < count; base += 32) {
       const int64_t i = base + lane;
       uint32_t key;
-      if (i < count && key_of(i, key) && level.matches(key, st.prefix)) {
+      if (i < count && key_of(i, key) && level.matches(key, static_cast<uint32_t>(st.prefix))) {
         counter.add(level.digit(key));
       }
     }
@@ -211,7 +226,7 @@ __device__ uint32_t warp_radix_select(KeyOf key_of, int64_t count, int64_t r, ui
     warp_take_bucket(hist, radix::kKeyBins, level, st, lane);
     __syncwarp();  // hist is cleared by the next level
   }
-  return st.prefix;
+  return static_cast<uint32_t>(st.prefix);
 }
 
 }  // namespace gtp::cuda

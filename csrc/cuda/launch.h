@@ -66,6 +66,23 @@ inline int read_error_flag(const int32_t* flag, cudaStream_t stream) {
   return host;
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory. Above the default 48 KiB (static shared
+// memory included) a block must opt in, up to the device's limit; beyond that the input is too
+// large for this kernel on this GPU, which is said with the op's name and what needs the memory.
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, size_t bytes, int device, const char* op,
+                          const char* what) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t total = bytes + attr.sharedSizeBytes;
+  if (total <= 48 * 1024) return;
+  const size_t limit = static_cast<size_t>(max_shared_optin(device));
+  TORCH_CHECK_VALUE(total <= limit, op, ": ", what, " needs ", total,
+                    " bytes of shared memory per block; this GPU allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
 // Calls fn(T{}) with T the CUDA element type of `dtype` (float, double, __half,
 // __nv_bfloat16); c10::Half / c10::BFloat16 have the same bits, so data pointers are
 // reinterpreted.

@@ -11,7 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/op_args.h"
 #include "common/order.h"
 #include "cuda/device.cuh"
 #include "cuda/launch.h"
@@ -23,12 +23,12 @@ namespace {
 
 constexpr int kWarps = 4;  // rows per block
 
-__global__ void __launch_bounds__(32 * kWarps)
+__global__ void __launch_bounds__(32 * kWarps, 4)
     select_tokens_kernel(const float* __restrict__ score, int64_t s0, int64_t s1, int64_t batch,
                          int64_t n, int64_t num_prop, int64_t* __restrict__ keep,
                          int64_t* __restrict__ prop) {
   __shared__ uint32_t hist[kWarps][radix::kKeyBins];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = cuda::warp_uniform(static_cast<int>(threadIdx.x >> 5)), lane = threadIdx.x & 31;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (b >= batch) return;  // whole warps only; no block-wide barrier below
   const float* row = score + b * s0;
@@ -71,14 +71,8 @@ __global__ void __launch_bounds__(32 * kWarps)
 }
 
 std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& score, int64_t num_prop) {
-  GTP_CHECK_DIM(OP, score, "score", 2);
-  TORCH_CHECK_VALUE(score.scalar_type() == at::kFloat, OP ": score must be float32, got ",
-                    score.scalar_type());
+  args::check_select_tokens(score, num_prop, c10::DeviceType::CUDA);
   const int64_t B = score.size(0), n = score.size(1), P = num_prop;
-  TORCH_CHECK_VALUE(P >= 0 && P <= n - 1, OP ": num_prop must be in [0, n - 1] = [0, ", n - 1,
-                    "], got ", P);
-  TORCH_CHECK_VALUE(n <= (int64_t{1} << 32), OP ": score.shape[1] must be at most 2^32, got ", n);
-  GTP_CHECK_DEVICE_TYPE(OP, score, "score", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(score.device());
   at::Tensor keep = at::empty({B, n - P}, score.options().dtype(at::kLong));
   at::Tensor prop = at::empty({B, P}, score.options().dtype(at::kLong));
