@@ -35,16 +35,119 @@ def test_every_op_has_cpu_and_fake_kernel(op):
     assert has_kernel(op, "Meta"), f"gtp.{op} has no fake (Meta) kernel"
 
 
+def _from_setup(name: str):
+    """A top-level definition of setup.py, evaluated alone (importing setup.py runs setup())."""
+    import ast
+    import shutil
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            namespace = {"os": os, "shutil": shutil}
+            exec(compile(ast.Module([node], []), "setup.py", "exec"), namespace)
+            return namespace[name]
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py defines no {name}")
+
+
+def _cuda_toolchain() -> str | None:
+    """Why setup.py would not build CUDA kernels here, or None when it would (auto mode)."""
+    _cuda_home_from_nvcc = _from_setup("_cuda_home_from_nvcc")
+    if os.environ.get("GTP_BUILD_CUDA", "auto").lower() == "0":
+        return "GTP_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    if _cuda_home_from_nvcc() is None:
+        return "no nvcc"
+    return None
+
+
 @needs_ext
 def test_cuda_build_registers_cuda_kernels():
-    """A CUDA build registers a CUDA kernel for every op that has a .cu file (no device needed)."""
+    """Where nvcc and a CUDA torch are present (CI), the build has CUDA kernels, and a CUDA build
+    registers a CUDA kernel for every op, each from its csrc/cuda/<op>.cu (no device needed)."""
     from gtp_kernels import _C
 
-    cu_ops = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu"))]
+    why_not = _cuda_toolchain()
+    if why_not is None:
+        assert _C.build_info()["cuda"], (
+            "nvcc and a CUDA torch are present but the extension was built without CUDA kernels"
+        )
     if not _C.build_info()["cuda"]:
-        pytest.skip("extension built without CUDA kernels (see `python -m gtp_kernels.info`)")
-    for op in cu_ops:
+        pytest.skip(f"extension built without CUDA kernels ({why_not})")
+    cu_ops = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "csrc/cuda/*.cu"))}
+    assert cu_ops == set(OPS), f"csrc/cuda has .cu files for {sorted(cu_ops)}, ops are {OPS}"
+    for op in OPS:
         assert has_kernel(op, "CUDA"), f"CUDA build but gtp.{op} has no CUDA kernel"
+
+
+@needs_ext
+def test_cuda_kernels_have_no_stack_or_local_memory():
+    """The second gate after ptxas: every kernel in the built extension, every architecture,
+    0 bytes of stack and local memory (benchmarks/cuda_resources.py --check)."""
+    from gtp_kernels import _C
+
+    if not _C.build_info()["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "cuda_resources.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    archs = {line.split("|")[3].strip() for line in out.stdout.splitlines()[2:]}
+    assert {"sm_80", "sm_90"} <= archs, f"architectures in the build: {archs}"
+
+
+SPILLING = {
+    # registers spilled: a large live set under a 32-register budget
+    "spill": """
+__global__ void __launch_bounds__(1024, 2) spill(float* x) {
+  float a[96];
+#pragma unroll
+  for (int t = 0; t < 96; ++t) a[t] = x[t * blockDim.x + threadIdx.x];
+  float s = 0;
+#pragma unroll
+  for (int t = 0; t < 96; ++t) s += a[t] * a[(t * 7) % 96];
+  x[threadIdx.x] = s;
+}
+""",
+    # no spill at all, but a dynamically indexed local array: -warn-spills alone passes it
+    "local_array": """
+__global__ void __launch_bounds__(256, 1) local_array(float* x, const int* idx) {
+  float a[256];
+  for (int t = 0; t < 256; ++t) a[t] = x[t * blockDim.x + threadIdx.x];
+  float s = 0;
+  for (int t = 0; t < 256; ++t) s += a[idx[t]];
+  x[threadIdx.x] = s;
+}
+""",
+    "clean": """
+__global__ void __launch_bounds__(256, 1) clean(float* x) { x[threadIdx.x] *= 2.0f; }
+""",
+}
+
+
+@pytest.mark.parametrize("kernel", list(SPILLING))
+def test_spill_gate(kernel, tmp_path):
+    """The build's ptxas flags fail a kernel that spills or uses local memory, and pass a clean
+    one (nvcc, sm_90 cubin only: a few seconds, no torch headers)."""
+    home = _from_setup("_cuda_home_from_nvcc")()
+    if home is None:
+        pytest.skip("no nvcc")
+    src = tmp_path / f"{kernel}.cu"
+    src.write_text(SPILLING[kernel])
+    ptxas = [f for f in _from_setup("NVCC_STRICT") if f.startswith("-Xptxas")]
+    cmd = [os.path.join(home, "bin", "nvcc"), "-cubin", "-arch=sm_90", *ptxas, str(src)]
+    out = subprocess.run(cmd + ["-o", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    if kernel == "clean":
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0, f"{kernel} compiled despite the gate:\n{out.stderr}"
+        want = "Registers are spilled" if kernel == "spill" else "Local memory used"
+        assert want in out.stderr, out.stderr
 
 
 @needs_ext
