@@ -110,6 +110,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = _nvcc_flags(opt)
         define_macros.append(("GTP_WITH_CUDA", "1"))
+        define_macros.append(("GTP_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"'))
         ext_cls = cpp_extension.CUDAExtension
         _log(f"CUDA kernels: yes ({why}; arch list {os.environ['TORCH_CUDA_ARCH_LIST']})")
     else:

@@ -12,6 +12,7 @@ pybind11::dict build_info() {
   pybind11::dict info;
 #ifdef GTP_WITH_CUDA
   info["cuda"] = true;
+  info["cuda_archs"] = GTP_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST the kernels were compiled for
 #else
   info["cuda"] = false;
 #endif
