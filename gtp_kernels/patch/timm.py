@@ -15,8 +15,13 @@ scale norm, gated attention and stochastic depth are kept. `forward` and `forwar
 (pooling, fc_norm, head, the distilled head) are timm's. Nothing is registered on the model:
 `model.gtp` is a plain dataclass, so the state_dict is unchanged.
 
-Not applied: attention dropout (attn.attn_drop; the gtp attention op has no dropout, and the
-pretrained ViTs use p = 0), attn_mask / is_causal (rejected), gradient checkpointing.
+Training (finetuning through the patch) works on every backend: the attention op has a
+backward (the top-theta mask held constant), propagate is linear in the tokens, and the graph
+and the selection are constants. Drop path, proj_drop, the MLP's dropout and pos_drop run as in
+timm (the same modules in the same order, so the same random numbers). Attention dropout
+(attn.attn_drop with p > 0) cannot be applied inside the fused attention: in training mode it
+raises a ValueError instead of being ignored (in eval mode it is off anyway; pretrained ViTs use
+p = 0). Not supported: attn_mask / is_causal (rejected), gradient checkpointing.
 forward_intermediates and other timm entry points run the unpatched blocks.
 """
 
@@ -305,6 +310,13 @@ def gtp_block(
             f"left there (at most {n - 1} can be propagated)"
         )
     attn = blk.attn
+    if attn.training and getattr(attn.attn_drop, "p", 0.0) > 0:
+        raise ValueError(
+            f"{_NAME}: block {layer} has attention dropout (attn_drop p="
+            f"{attn.attn_drop.p:g}) in training mode, which the fused GTP attention cannot "
+            "apply; finetune with attn_drop_rate=0 (e.g. set blk.attn.attn_drop.p = 0 in every "
+            "block), or call model.eval() for inference"
+        )
     y = blk.norm1(x)
     gate = attn.gate(y).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
