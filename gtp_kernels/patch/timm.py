@@ -36,7 +36,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from gtp_kernels import ops
+from gtp_kernels import ops, schedule
 
 __all__ = ["GTPSettings", "SELECTIONS", "timm", "remove", "is_patched"]
 
@@ -54,8 +54,9 @@ _NAME = "gtp_kernels.patch.timm"
 class GTPSettings:
     """GTP settings of a patched model (`model.gtp`); change them freely between forwards.
 
-    num_prop: P, tokens propagated after each block: an int for every block or a sequence of
-        one int per block (0 = off for that block).
+    num_prop: P, tokens propagated after each block: an int for every block, a sequence of
+        one int per block (0 = off for that block), or ToMe's (r, inflect) pair with a float
+        inflect, e.g. (8, -0.5) (gtp_kernels.schedule.inflected).
     sparsity: theta in (0, 1], the attention density kept (1 = no masking).
     alpha: propagation magnitude >= 0 (only used by propagation="graph").
     num_neighbours: K semantic neighbours per token (graph "semantic" / "mixed").
@@ -97,20 +98,24 @@ class GTPSettings:
 
     def per_block(self, depth: int) -> list[int]:
         """num_prop as one int per block (validated against `depth`)."""
-        p = self.num_prop
-        if isinstance(p, numbers.Integral):
-            return [int(p)] * depth
-        return [int(v) for v in p]
+        return schedule.expand(self.num_prop, depth)
 
     def validate(self, model: Any | None = None) -> None:
         """Raise ValueError / TypeError naming the bad setting (and the block where it matters)."""
         p = self.num_prop
         if isinstance(p, bool) or not isinstance(p, (numbers.Integral, list, tuple)):
             raise TypeError(f"{_NAME}: num_prop must be an int or a list of ints, got {p!r}")
-        values = [p] if isinstance(p, numbers.Integral) else list(p)
+        if schedule.is_inflected(p):
+            schedule.inflected(p[0], p[1], 2)  # checks r and inflect
+            values = []
+        else:
+            values = [p] if isinstance(p, numbers.Integral) else list(p)
         for v in values:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-                raise ValueError(f"{_NAME}: num_prop must be >= 0 (ints), got {p!r}")
+                raise ValueError(
+                    f"{_NAME}: num_prop must be >= 0 (ints), got {p!r} (ToMe's (r, inflect) "
+                    "form takes a float inflect, e.g. (8, -1.0))"
+                )
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) <= 1.0):  # rejects NaN
             raise ValueError(f"{_NAME}: sparsity (theta) must be in (0, 1], got {s!r}")
@@ -144,10 +149,10 @@ class GTPSettings:
         if model is None:
             return
         depth = len(model.blocks)
-        if not isinstance(p, numbers.Integral) and len(p) != depth:
+        if not isinstance(p, numbers.Integral) and not schedule.is_inflected(p) and len(p) != depth:
             raise ValueError(
                 f"{_NAME}: num_prop has {len(p)} entries but the model has {depth} blocks "
-                "(give one int per block, or a single int)"
+                "(give one int per block, a single int, or (r, inflect) with a float inflect)"
             )
         if self.selection.startswith("cls_") and not getattr(model, "has_class_token", False):
             raise ValueError(
@@ -392,7 +397,7 @@ def is_patched(model: Any) -> bool:
 
 def timm(
     model: Any,
-    num_prop: int | list[int] | tuple[int, ...] = 8,
+    num_prop: int | list[int] | tuple[int, ...] | tuple[int, float] | None = None,
     sparsity: float = 0.6,
     alpha: float = 0.1,
     num_neighbours: int = 8,
@@ -403,9 +408,14 @@ def timm(
     backend: str = "auto",
     seed: int = 0,
     track_sources: bool = False,
+    gmacs_reduction: float | None = None,
 ) -> Any:
     """Apply GTP to a timm VisionTransformer in place and return it (settings in `model.gtp`,
     see GTPSettings). Patching an already patched model only replaces its settings.
+
+    num_prop defaults to 8 in every block. Instead of num_prop, gmacs_reduction=0.26 asks for
+    at least 26% fewer GMACs than the unpatched model at its configured input size:
+    `model.gtp.num_prop` is then the per-block schedule of gtp_kernels.schedule.for_budget.
 
     Supported: timm VisionTransformer (and VisionTransformerDistilled) with pre-norm Blocks and
     timm Attention; with or without class token, register / distillation tokens, global_pool
@@ -414,6 +424,12 @@ def timm(
     otherwise (e.g. 'map' attention pooling, ResPostBlock, ParallelScalingBlock).
     """
     _check_model(model)
+    if gmacs_reduction is not None:
+        if num_prop is not None:
+            raise ValueError(f"{_NAME}: give num_prop or gmacs_reduction, not both")
+        num_prop = schedule.for_budget(model, gmacs_reduction, propagation=propagation)
+    elif num_prop is None:
+        num_prop = 8
     settings = GTPSettings(
         num_prop=tuple(num_prop) if isinstance(num_prop, (list, tuple)) else num_prop,
         sparsity=sparsity,
