@@ -28,7 +28,6 @@ MODEL = "deit_tiny_patch16_224"
 GRID = ["--num-prop", "0", "1", "--sparsity", "1", "0.6"]
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Small tensors: one thread (on a shared machine, a second thread's wake-ups cost more
@@ -37,6 +36,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def _model(num_classes: int = CLASSES) -> torch.nn.Module:
     """deit_tiny at 64 x 64 (16 patches), seeded, qkv x4 (peaked attention, as a trained model
@@ -146,8 +146,8 @@ def test_pretrained_path_num_samples_amp_compile(data, tmp_path):
     root, _ = data
     ckpt = tmp_path / "in1k.pth"
     torch.save(_model(1000).state_dict(), ckpt)
-    common = [str(root / "val"), "-m", MODEL, "--img-size", "64", "-j", "0",
-              "--bench-rounds", "0", "--num-prop", "1", "--num-samples", "7", "-b", "8"]  # fmt: skip
+    common = [str(root / "val"), "-m", MODEL, "--img-size", "64", "-j", "0", "-b", "8",
+              "--bench-rounds", "0", "--num-prop", "1", "--num-samples", "7"]  # fmt: skip
     by_ckpt = gtp_eval.evaluate([*common, "--checkpoint", str(ckpt)])
     by_path = gtp_eval.evaluate([*common, "--pretrained-path", str(ckpt)])
     assert by_ckpt == by_path

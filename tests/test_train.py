@@ -18,7 +18,6 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Small tensors: one thread (on a shared machine, a second thread's wake-ups cost more
@@ -27,6 +26,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 def _peaked(model):
     """qkv weights x4: peaked, well-conditioned attention as in a trained model (a random
