@@ -75,7 +75,9 @@ class GTPSettings:
         the same rule as the tokens, S' = S_kept + alpha * W S_prop: row r says which original
         patches the r-th remaining image token absorbed, with what weight. A visualisation aid
         (dense, n0 = patches of the input); stored in `last_sources` after each forward
-        (None when off).
+        (None when off), with `last_propagated_at`, (B, n0) int64: the block after which each
+        original patch's own token was propagated (removed), -1 when it is left at the end.
+        gtp_kernels.visualize draws both.
 
     torch.compile(model, fullgraph=True) traces the patched forward (no .item(), no
     data-dependent branches; settings are Python constants, so changing them recompiles) with
@@ -95,6 +97,9 @@ class GTPSettings:
     seed: int = 0
     track_sources: bool = False
     last_sources: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    last_propagated_at: torch.Tensor | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     def per_block(self, depth: int) -> list[int]:
         """num_prop as one int per block (validated against `depth`)."""
@@ -274,9 +279,12 @@ def gtp_blocks(
     if cfg.track_sources:
         eye = torch.eye(n, dtype=torch.float32, device=x.device)
         state.sources = eye.expand(B, n, n).contiguous()
+        state.origin = torch.arange(n, device=x.device).expand(B, n)
+        state.propagated_at = torch.full((B, n), -1, dtype=torch.int64, device=x.device)
     for i, blk in enumerate(blocks):
         x = gtp_block(blk, x, state, cfg, props[i], M, i)
     cfg.last_sources = state.sources if cfg.track_sources else None
+    cfg.last_propagated_at = state.propagated_at if cfg.track_sources else None
     return x
 
 
@@ -288,6 +296,8 @@ class _State:
         self.weight: torch.Tensor | None = None  # (B, n, W) float32
         self.sizes: torch.Tensor | None = None  # (B, N) float32 when token_scale
         self.sources: torch.Tensor | None = None  # (B, n, n0) float32 when track_sources
+        self.origin: torch.Tensor | None = None  # (B, n) int64 original patch, -1: 'mean' token
+        self.propagated_at: torch.Tensor | None = None  # (B, n0) int64 block, -1: still there
         self.generator: torch.Generator | None = None  # selection="random"
 
 
@@ -339,12 +349,18 @@ def gtp_block(
     out = attn.proj_drop(attn.proj(out))
     x = x + blk.drop_path1(blk.ls1(out))
     if P > 0:
-        x = _propagate(x, score, state, cfg, P, M)
+        x = _propagate(x, score, state, cfg, P, M, layer)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def _propagate(
-    x: torch.Tensor, score: torch.Tensor, state: _State, cfg: GTPSettings, P: int, M: int
+    x: torch.Tensor,
+    score: torch.Tensor,
+    state: _State,
+    cfg: GTPSettings,
+    P: int,
+    M: int,
+    layer: int = 0,
 ) -> torch.Tensor:
     B, N, C = x.shape
     n = N - M
@@ -358,6 +374,7 @@ def _propagate(
         state.sources = ops.propagate(
             sources, index, weight, keep, alpha, 0, None, backend=cfg.backend
         )[0]
+        _track_origins(state, keep, prop, layer)
     x_out, sizes_out, index_out, weight_out = ops.propagate(
         x, index, weight, keep, alpha, M, state.sizes, backend=cfg.backend
     )
@@ -372,6 +389,7 @@ def _propagate(
         if sources is not None:
             src_p = sources.gather(1, prop[:, :, None].expand(B, P, sources.shape[2]))
             state.sources = torch.cat([state.sources, src_p.mean(dim=1, keepdim=True)], dim=1)
+            state.origin = torch.cat([state.origin, state.origin.new_full((B, 1), -1)], dim=1)
         W = index_out.shape[2]
         index_out = torch.cat([index_out, index_out.new_full((B, 1, W), -1)], dim=1)
         weight_out = torch.cat([weight_out, weight_out.new_zeros((B, 1, W))], dim=1)
@@ -379,6 +397,16 @@ def _propagate(
         state.sizes = sizes_out
     state.index, state.weight = index_out, weight_out
     return x_out
+
+
+def _track_origins(state: _State, keep: torch.Tensor, prop: torch.Tensor, layer: int) -> None:
+    """Record `layer` for the original patches of the propagated tokens ('mean' tokens have
+    none) and keep the origins of the survivors."""
+    origin = state.origin.gather(1, prop)
+    hits = torch.zeros_like(state.propagated_at)  # a count, so clamped -1s cannot collide
+    hits.scatter_add_(1, origin.clamp(min=0), (origin >= 0).long())
+    state.propagated_at = torch.where(hits > 0, layer, state.propagated_at)
+    state.origin = state.origin.gather(1, keep)
 
 
 _CLASSES: dict[type, type] = {}
