@@ -1,7 +1,7 @@
 """Per-block num_prop schedules: ToMe's (r, inflect) form, and a GMAC budget.
 
     import gtp_kernels.patch, gtp_kernels.schedule
-    gtp_kernels.schedule.for_budget(model, 0.26)      # -> [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 9]
+    gtp_kernels.schedule.for_budget(model, 0.26)  # DeiT-S: [8] * 8 + [9] * 4, 3.400 GMACs
     gtp_kernels.patch.timm(model, gmacs_reduction=0.26)     # the same, in one line
     gtp_kernels.patch.timm(model, num_prop=(8, -0.5))       # ToMe's (r, inflect) form
 
@@ -9,6 +9,9 @@ num_prop takes three forms everywhere (patch, GTPSettings, gtp_kernels.cost, gtp
 an int for every block, one int per block, or ToMe's (r, inflect) pair, told apart by its
 second entry being a float: (8, -0.5), (8, 0.0). ToMe users know this form from
 `tome.utils.parse_r`; the same formula is used here (see `inflected`).
+
+`python -m gtp_kernels.schedule [MODEL ...] --reductions 0.1 0.26` prints the schedules of
+budgets as a table (the README's).
 """
 
 from __future__ import annotations
@@ -125,3 +128,46 @@ def for_budget(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if total_macs(mid) <= target else (mid, hi)
     return _spread(hi, depth)
+
+
+def budget_table(models: Sequence[str], reductions: Sequence[float], img_size=None) -> str:
+    """Markdown table of for_budget's schedules for timm models (built on the meta device)."""
+    import timm
+    import torch
+
+    from gtp_kernels.cost import gmacs
+
+    lines = [
+        "| model | gmacs_reduction | num_prop per block | GMACs (unpatched) | saved |",
+        "|---|---|---|---|---|",
+    ]
+    for name in models:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        base = gmacs(model, img_size)
+        for r in reductions:
+            props = for_budget(model, r, img_size)
+            g = gmacs(model, img_size, num_prop=props)
+            p = ", ".join(str(v) for v in props)
+            lines.append(f"| {name} | {r:g} | {p} | {g:.3f} ({base:.3f}) | {1 - g / base:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m gtp_kernels.schedule",
+        description="The num_prop schedule of a GMAC budget (gmacs_reduction) for timm ViTs.",
+    )
+    p.add_argument("models", nargs="*", default=["deit_small_patch16_224", "deit_base_patch16_224"])
+    p.add_argument(
+        "--reductions", type=float, nargs="+", default=[0.1, 0.2, 0.25, 0.26, 0.3, 0.4, 0.5]
+    )
+    p.add_argument("--img-size", type=int, default=None)
+    args = p.parse_args(argv)
+    print(budget_table(args.models, args.reductions, args.img_size))
+
+
+if __name__ == "__main__":
+    main()

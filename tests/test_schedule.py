@@ -98,3 +98,20 @@ def test_patch_with_gmacs_reduction():
         gp.timm(model, num_prop=8, gmacs_reduction=0.2)
     gp.timm(model)  # the default stays P = 8
     assert model.gtp.num_prop == 8
+
+
+def test_readme_table_is_what_the_code_gives():
+    """The README's budget table (DeiT-S/B) is the output of `python -m gtp_kernels.schedule`
+    for the reductions it lists."""
+    import os
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+    with open(readme) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.startswith("| deit_")]
+    rows = [ln for ln in lines if ln.count("|") == 6 and "%" in ln]
+    assert rows, "no budget table in README.md"
+    reductions = sorted({float(r.split("|")[2]) for r in rows})
+    models = list(dict.fromkeys(r.split("|")[1].strip() for r in rows))
+    assert models == ["deit_small_patch16_224", "deit_base_patch16_224"]
+    table = schedule.budget_table(models, reductions).splitlines()[2:]
+    assert rows == table
