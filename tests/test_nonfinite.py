@@ -261,7 +261,9 @@ def test_build_graph_nonfinite_vs_reference(backend, dtype, kind):
         (torch.float64, 600),  # beyond float32's range
         (torch.float64, -600),
         (torch.float64, -1060),  # float64 subnormal tokens
+        (torch.float32, -140),  # float32 subnormal tokens
         (torch.float16, 13),  # near float16's max
+        (torch.float16, -20),  # float16 subnormal tokens
     ],
 )
 def test_build_graph_finite_extremes(backend, dtype, exponent):
@@ -270,10 +272,10 @@ def test_build_graph_finite_extremes(backend, dtype, exponent):
     x = torch.randn(2, 35, 8).to(dtype)
     x[:, 3] = x[:, 11]  # an exact tie
     x[:, 20] = 0.0  # a zero token: similarity 0 to every token
-    big = x * 2.0**exponent if exponent > -1000 else x * 2.0**-500 * 2.0**-560
-    if exponent == -1060:
-        x = (big * 2.0**500) * 2.0**560  # what the subnormal tokens represent exactly
-    assert torch.isfinite(big).all()
+    big = x * 2.0**exponent
+    if exponent < 0:  # what the (possibly subnormal, rounded) tokens represent, exactly
+        x = big * 2.0 ** (-exponent // 2) * 2.0 ** (-exponent // 2)
+    assert torch.isfinite(big).all() and big.dtype == dtype
     for kind in ("semantic", "mixed"):
         for k in (4, 34):
             want = graph("reference", x, 5, 7, k, kind)

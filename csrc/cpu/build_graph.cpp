@@ -24,9 +24,12 @@
 #endif
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -124,47 +127,107 @@ GraphType parse_graph(std::string_view graph) {
                     "'");
 }
 
-// One token, L2-normalised in float32 as the reference does. First an exact power-of-two
-// scaling u = x * 2^-E with max |u| in [0.5, 1), computed in float64 (the two factors keep
-// 2^-E in range for float64 subnormal and huge tokens), so that no finite token overflows or
-// underflows (float32 near 1e30, float64 beyond float32's range); for tokens in float32's
-// normal range it changes no bit of the result. Then u / max(||u||, 1e-12) (the clamp only
-// acts on a zero token, which stays 0); the sum of squares runs in float64 over 8 independent
-// lanes so that it vectorises. Returns false, and leaves e unset, when the token holds a NaN
-// or an infinity: its similarity to every token is then NaN.
+// One token, L2-normalised in float32 as the reference does: u / max(||u||, 1e-12) of the exact
+// power-of-two scaling u = x * 2^-ex of build_graph::pow2_split (max |u| in [0.5, 1)), so that
+// no finite token overflows or underflows (float32 near 1e30, float64 beyond float32's range,
+// subnormal tokens); for tokens in float32's normal range the scaling changes no bit of the
+// result, and the clamp only acts on a zero token, which stays 0. Returns false, with e
+// unspecified, when the token holds a NaN or an infinity: its similarities are then NaN.
+//
+// Float32 / float16 / bfloat16 tokens (float values): three vectorised passes, as without the
+// scaling: convert + max |x|; the sum of squares of x in float64 over 8 independent lanes (no
+// float value overflows or underflows there), times 2^-2ex (exact) for that of u; scale +
+// divide. Float64 tokens are scaled in float64 before their one rounding to float32.
+// frexp's exponent of a finite float m > 0 and the floats / doubles 2^k, from the bits: the libm
+// calls cost as much as a pass over a token (one token takes three).
+inline int frexp_exponent(float m) {
+  const uint32_t bits = std::bit_cast<uint32_t>(m);
+  const int biased = static_cast<int>(bits >> 23);
+  return biased != 0 ? biased - 126 : -117 - __builtin_clz(bits);  // subnormal: from the top bit
+}
+
+inline float pow2f(int k) {  // k in [-149, 127]
+  return k >= -126 ? std::bit_cast<float>(static_cast<uint32_t>(k + 127) << 23)
+                   : std::bit_cast<float>(uint32_t{1} << (k + 149));
+}
+
+inline double pow2d(int k) {  // k in [-1022, 1023]
+  return std::bit_cast<double>(static_cast<uint64_t>(k + 1023) << 52);
+}
+
 template <typename scalar_t>
 bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
-  double mx = 0.0;
-  bool finite = true;
-  for (int64_t c = 0; c < C; ++c) {
-    const double a = std::fabs(static_cast<double>(x[c * stride_c]));
-    finite &= a <= std::numeric_limits<double>::max();  // false for inf and NaN
-    mx = a > mx ? a : mx;
-  }
-  if (!finite) return false;
-  int ex = 0;
-  if (mx > 0.0) std::frexp(mx, &ex);  // mx = f * 2^ex, f in [0.5, 1)
-  const int e1 = (-ex) >> 1, e2 = -ex - e1;  // floor(-ex / 2), as the reference splits it
-  const double s1 = std::ldexp(1.0, e1), s2 = std::ldexp(1.0, e2);
-  if (stride_c == 1) {
-    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<float>(static_cast<double>(x[c]) * s1 * s2);
-  } else {
-    for (int64_t c = 0; c < C; ++c)
-      e[c] = static_cast<float>(static_cast<double>(x[c * stride_c]) * s1 * s2);
-  }
   constexpr int kLanes = 8;
   double acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
-  }
-  for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
+  auto sum_lanes = [&acc] {
+    double sumsq = 0.0;
+    for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
+    return sumsq;
+  };
+  int ex = 0, e1 = 0, e2 = 0;
   double sumsq = 0.0;
-  for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
+  float s1 = 1.0f, s2 = 1.0f;  // the float path's scale, applied in the divide pass
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    double mx = 0.0;
+#pragma omp simd reduction(max : mx)
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = std::fabs(x[c * stride_c]);
+      mx = a > mx ? a : mx;  // skips NaN: the sum of squares below catches it
+    }
+    if (!(mx <= std::numeric_limits<double>::max())) return false;  // an infinity
+    if (mx > 0.0) std::frexp(mx, &ex);
+    build_graph::pow2_split(ex, &e1, &e2);
+    const double d1 = std::ldexp(1.0, e1), d2 = std::ldexp(1.0, e2);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float u = static_cast<float>(x[(c + l) * stride_c] * d1 * d2);
+        e[c + l] = u;
+        acc[l] += static_cast<double>(u) * u;
+      }
+    }
+    for (; c < C; ++c) {
+      const float u = static_cast<float>(x[c * stride_c] * d1 * d2);
+      e[c] = u;
+      acc[0] += static_cast<double>(u) * u;
+    }
+    sumsq = sum_lanes();
+  } else {
+    float mx = 0.0f;
+    if (stride_c == 1) {
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < C; ++c) {
+        e[c] = static_cast<float>(x[c]);
+        const float a = std::fabs(e[c]);
+        mx = a > mx ? a : mx;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        e[c] = static_cast<float>(x[c * stride_c]);
+        const float a = std::fabs(e[c]);
+        mx = a > mx ? a : mx;
+      }
+    }
+    if (!(mx <= std::numeric_limits<float>::max())) return false;  // an infinity
+    if (mx > 0.0f) ex = frexp_exponent(mx);
+    build_graph::pow2_split(ex, &e1, &e2);
+    s1 = pow2f(e1);
+    s2 = pow2f(e2);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
+    }
+    for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
+    // ||u||^2 = 2^-2ex ||x||^2 exactly (float64 holds every float's square); the squares of
+    // the entries of u that round (subnormal ones) are far below an ulp of the sum.
+    sumsq = sum_lanes() * pow2d(-2 * ex);
+  }
+  if (sumsq != sumsq) return false;  // a NaN
   // Divide, as the reference does: x * (1 / ||x||) is cheaper but off by an ulp, which breaks
   // exact ties such as C = 1 tokens (x / |x| = +-1 exactly, x * (1 / |x|) not always).
   const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
-  for (c = 0; c < C; ++c) e[c] /= denom;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) e[c] = (e[c] * s1 * s2) / denom;
   return true;
 }
 

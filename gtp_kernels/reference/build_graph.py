@@ -54,13 +54,14 @@ def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:
 def normalised_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """(B, n, C) any floating dtype -> (B, n, C) float32 unit rows E^ (zero rows stay 0).
 
-    Overflow-free for every finite token: first u = x * 2^-E, exact, with max_c |u_c| in
-    [0.5, 1), computed in float64 and rounded once to float32 (so float32 tokens near 1e30 and
-    float64 tokens beyond float32's range normalise correctly); then u / max(||u||, 1e-12)
-    in float32. For tokens in float32's normal range the power-of-two scaling changes no bit,
-    so this is x / ||x||. 2^-E is applied as two factors 2^e1 * 2^e2 (e1 = floor(-E / 2)) so
-    that neither overflows for float64 subnormal tokens. Rows of tokens holding NaN or Inf are
-    NaN.
+    Overflow-free for every finite token: first u = x * 2^-E with max_c |u_c| in [0.5, 1)
+    (E: the frexp exponent of max_c |x_c|), computed exactly in float64 and rounded once to
+    float32 (so float32 tokens near 1e30, float64 tokens beyond float32's range and subnormal
+    tokens normalise correctly); then u / max(||u||, 1e-12) in float32 (the clamp only acts on
+    a zero token, which stays 0). For tokens in float32's normal range the power-of-two scaling
+    changes no bit, so this is x / ||x||. 2^-E is applied as two factors 2^e1 * 2^e2, each in
+    range (E > 0: e1 = 0; else -E split in halves), as csrc/common/build_graph.h's pow2_split.
+    Rows of tokens holding NaN or Inf are NaN.
     """
     xd = tokens.double()
     if xd.shape[-1] == 0:
@@ -68,7 +69,7 @@ def normalised_tokens(tokens: torch.Tensor) -> torch.Tensor:
     peak = xd.abs().amax(dim=-1, keepdim=True)  # NaN / inf for a non-finite token
     finite = torch.isfinite(peak)
     _, ex = torch.frexp(torch.where(finite & (peak > 0), peak, 1.0))  # peak = f * 2^ex
-    e1 = torch.div(-ex, 2, rounding_mode="floor")
+    e1 = torch.where(ex > 0, 0, torch.div(-ex, 2, rounding_mode="floor"))
     one = torch.ones_like(peak)
     u = (xd * torch.ldexp(one, e1) * torch.ldexp(one, -ex - e1)).float()
     u = torch.where(finite, u, float("nan"))
