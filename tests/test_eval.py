@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import single_thread
 from PIL import Image
 
 import gtp_kernels.patch as gp
@@ -28,14 +29,7 @@ MODEL = "deit_tiny_patch16_224"
 GRID = ["--num-prop", "0", "1", "--sparsity", "1", "0.6"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread (on a shared machine, a second thread's wake-ups cost more
-    than the work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _model(num_classes: int = CLASSES) -> torch.nn.Module:

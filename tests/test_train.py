@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import assert_close
+from helpers import assert_close, single_thread
 
 import gtp_kernels.patch as gp
 from gtp_kernels._extension import has_kernel
@@ -18,14 +18,7 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread (on a shared machine, a second thread's wake-ups cost more
-    than the work)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _peaked(model):
