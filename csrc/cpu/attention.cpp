@@ -461,9 +461,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
     for (int64_t tile = next_tile.fetch_add(1); tile < num_tiles; tile = next_tile.fetch_add(1)) {
       const int64_t b = tile / H, h = tile % H;
-      const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(1);
-      const scalar_t* kt = kp + b * k.stride(0) + h * k.stride(1);
-      const scalar_t* vt = vp + b * v.stride(0) + h * v.stride(1);
+      // d = 0 or dv = 0: those tensors hold no element and their data pointer may be null, so
+      // no offset is applied to it (UB on a null pointer); nothing reads through it then.
+      const scalar_t* qt = d > 0 ? qp + b * q.stride(0) + h * q.stride(1) : qp;
+      const scalar_t* kt = d > 0 ? kp + b * k.stride(0) + h * k.stride(1) : kp;
+      const scalar_t* vt = dv > 0 ? vp + b * v.stride(0) + h * v.stride(1) : vp;
       tick(kPack);
       const T *Q, *K, *V;
       int64_t ldq, ldk, ldv;
