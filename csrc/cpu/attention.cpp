@@ -434,11 +434,17 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
   // Tiles are handed out one at a time from a shared counter: on a machine shared with other
   // work a descheduled thread then delays the call by one tile, not by its whole static chunk.
-  // Each thread still allocates its scratch once. Results do not depend on the schedule.
+  // Each thread still allocates its scratch once. Results do not depend on the schedule, nor
+  // on the thread count: the BLAS calls always run single-threaded, inside the parallel region
+  // (MKL does not nest). A lone tile (B * H == 1) therefore still gets a region of two threads
+  // when two are allowed, the second finding no tile: called outside any region, MKL would
+  // thread the GEMM itself and round differently than with one thread (1 ulp, measured).
   const int64_t num_tiles = B * H;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tiles);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(num_tiles, 2));
   std::atomic<int64_t> next_tile{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    int64_t tile = next_tile.fetch_add(1);
+    if (tile >= num_tiles) return;  // (before allocating scratch)
     // Thread-local scratch, once per call per thread.
     std::unique_ptr<T[]> S(new T[NN]);
     std::unique_ptr<T[]> colsum(new T[N]);
@@ -459,7 +465,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       t_last = now;
     };
 
-    for (int64_t tile = next_tile.fetch_add(1); tile < num_tiles; tile = next_tile.fetch_add(1)) {
+    for (; tile < num_tiles; tile = next_tile.fetch_add(1)) {
       const int64_t b = tile / H, h = tile % H;
       // d = 0 or dv = 0: those tensors hold no element and their data pointer may be null, so
       // no offset is applied to it (UB on a null pointer); nothing reads through it then.
