@@ -22,7 +22,7 @@ comparison) are recognised by the kernel's own invariants, never by skipping:
 A failing case is shrunk (`shrink`) to a minimal spec, which goes into REGRESSIONS in
 tests/test_fuzz.py. Run it by hand for long campaigns:
 
-    python tests/fuzz.py --cases 100000 --seed 7 [--op attention] [--backend cpu]
+    python tests/fuzz.py --cases 25000 --seed 7 [--op attention] [--backend cpu] [--threads 2]
 """
 
 from __future__ import annotations
@@ -618,7 +618,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--op", choices=OPS, action="append")
     p.add_argument("--backend", action="append", help="default: every available one")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     bad = 0
     for op in args.op or OPS:
         for backend in args.backend or available_backends(op):
