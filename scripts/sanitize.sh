@@ -55,7 +55,7 @@ assert '/build/sanitize/site/' in path, path
 print('[sanitize] testing', path)"
 if [ $# -eq 0 ]; then
   set -- tests/test_attention.py tests/test_build_graph.py tests/test_select_tokens.py \
-    tests/test_propagate.py tests/test_nonfinite.py tests/test_zero_sized.py tests/test_fuzz.py
+    tests/test_propagate.py tests/test_nonfinite.py tests/test_zero_sized.py tests/test_determinism.py tests/test_fuzz.py
 fi
 start=$(date +%s)
 # --capture=sys: pytest captures Python's output only, so a report the sanitizer writes to the
