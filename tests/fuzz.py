@@ -460,7 +460,7 @@ def spec_propagate(r: random.Random) -> dict:
         kept=0 if n == 0 else r.randint(1, n),
         graph=r.choice(["random", "built"]),
         ordered=r.random() < 0.6,
-        alpha=r.choice([0.0, 0.1, 0.4, -0.3, 2.5]),
+        alpha=r.choice([0.0, 0.1, 0.4, -0.3, 2.5]) if r.random() < 0.98 else r.choice([NAN, INF]),
         sizes=r.random() < 0.7,
         dtype=r.choice(["f32", "f32", "f64", "f16", "bf16"]),
         layout=r.choice(["contiguous", "transposed", "strided"]),
