@@ -4,7 +4,8 @@ catch wrong kernels.
 
 Environment: GTP_FUZZ_SEED (default 0), GTP_FUZZ_SCALE (multiplies every case count; the
 sanitizer run uses a fraction), GTP_FUZZ_TRITON_CASES (cases per op under the Triton
-interpreter, which runs each kernel in Python and is slow; default 40).
+interpreter, which runs each kernel in Python and is slow, ~1.5 s an attention case;
+default 25; 0 skips it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SEED = int(os.environ.get("GTP_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("GTP_FUZZ_SCALE", "1"))
 # >= 10,000 cases per run on the compiled CPU kernels, about 30 s on an idle 2-core machine
 CASES = {"attention": 4000, "build_graph": 3000, "select_tokens": 2000, "propagate": 3000}
-TRITON_CASES = int(os.environ.get("GTP_FUZZ_TRITON_CASES", "40"))
+TRITON_CASES = int(os.environ.get("GTP_FUZZ_TRITON_CASES", "25"))
 
 # Minimal failing specs the shrinker produced, kept as regression cases (op, spec). The first
 # ones are what the fuzzer found and shrank on the CPU kernels before the non-finite rule
@@ -110,6 +111,8 @@ def test_fuzz_triton_interpreter():
     """Triton kernels under TRITON_INTERPRET=1 (set before triton is imported, hence a fresh
     process), on the ops that have one; the backend list comes from the op wrappers' own
     backend resolution in that process."""
+    if TRITON_CASES == 0:
+        pytest.skip("GTP_FUZZ_TRITON_CASES=0")
     try:
         import gtp_kernels.triton  # noqa: F401
     except ImportError as exc:
