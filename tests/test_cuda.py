@@ -84,7 +84,8 @@ def test_select_tokens_nan_ranks_greatest():
     nan = float("nan")
     score = torch.tensor([[0.5, nan, -nan, float("inf"), 0.1, nan]], device=DEV)
     keep, prop = torch.ops.gtp.select_tokens(score, 3)
-    assert prop.tolist() == [[0, 4, 5]] and keep.tolist() == [[1, 2, 3]]
+    # ascending: 0.1 (4), 0.5 (0), +inf (3), then the three NaNs, which are all kept
+    assert prop.tolist() == [[0, 3, 4]] and keep.tolist() == [[1, 2, 5]]
     _same(_cpu((keep, prop)), _cpu(reference.select_tokens(score, 3)), "vs reference")
 
 
@@ -464,6 +465,20 @@ def test_attention_vs_cpu_kernel():
             diff = (a_cuda != 0) != (a_cpu != 0)
             rel = ((a - tau[..., None, None]).abs() / tau[..., None, None])[diff]
             assert rel.max() <= 1e-5, f"{name}: masks differ far from tau ({rel.max():.3g})"
+
+
+def test_attention_backward_matches_reference():
+    """The op's autograd (gtp_kernels/ops/attention.py, device independent) on CUDA tensors."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in ta.timm_qkv(2, 3, 29, 16, device=DEV))
+    grads = []
+    for backend in ("cuda", "reference"):
+        for t in (q, k, v):
+            t.grad = None
+        out, score = ops.attention(q, k, v, None, 0.25, 0.6, 1, "mixed_max", backend=backend)
+        (out.square().sum() + score.sum()).backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for name, g, r in zip("qkv", *grads, strict=True):
+        assert_close(g.cpu(), r.cpu(), atol=1e-4, rtol=1e-4, name=f"d{name}")
 
 
 @pytest.mark.parametrize("case", range(len(ta.BAD)))

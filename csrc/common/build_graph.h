@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common/host_device.h"
 
@@ -103,6 +104,41 @@ GTP_HOST_DEVICE inline int merge_union(const int32_t* a, int na, const int32_t* 
 GTP_HOST_DEVICE inline void pow2_split(int ex, int* e1, int* e2) {
   *e1 = ex > 0 ? 0 : (-ex) / 2;
   *e2 = -ex - *e1;
+}
+
+// frexp's exponent of a finite float m > 0 (m = f * 2^e, f in [0.5, 1)) and the floats /
+// doubles 2^k, from the bits (the libm calls cost as much as a pass over a token). Shared by
+// the CPU and CUDA normalisations, so both scale every token by the same power of two.
+GTP_HOST_DEVICE inline int frexp_exponent(float m) {
+  uint32_t bits;
+  memcpy(&bits, &m, sizeof bits);
+  const int biased = static_cast<int>(bits >> 23);
+#if defined(__CUDA_ARCH__)
+  const int lz = __clz(static_cast<int>(bits));
+#else
+  const int lz = __builtin_clz(bits);
+#endif
+  return biased != 0 ? biased - 126 : -117 - lz;  // subnormal: from the top bit
+}
+
+GTP_HOST_DEVICE inline float pow2f(int k) {  // k in [-149, 127]
+  const uint32_t bits = k >= -126 ? static_cast<uint32_t>(k + 127) << 23 : uint32_t{1} << (k + 149);
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+GTP_HOST_DEVICE inline double pow2d(int k) {  // k in [-1022, 1023]
+  const uint64_t bits = static_cast<uint64_t>(k + 1023) << 52;
+  double d;
+  memcpy(&d, &bits, sizeof d);
+  return d;
+}
+
+// The divisor of a normalised token: max(||u||, 1e-12) in float32 from ||u||^2 in float64.
+GTP_HOST_DEVICE inline float norm_divisor(double sumsq) {
+  const float n = static_cast<float>(sqrt(sumsq));
+  return n > 1e-12f ? n : 1e-12f;
 }
 
 // W[i, j] = 1 / sqrt(d_i d_j) in float64, rounded once to float32 (the reference does the same,

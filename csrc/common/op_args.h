@@ -17,6 +17,7 @@
 #include "common/attention.h"
 #include "common/build_graph.h"
 #include "common/checks.h"
+#include "common/propagate.h"
 
 namespace gtp::args {
 
@@ -105,7 +106,19 @@ inline void check_propagate(const at::Tensor& x, const at::Tensor& index, const 
   GTP_CHECK_SAME_DEVICE(OP, x, "x", keep, "keep");
   if (sizes.has_value()) GTP_CHECK_SAME_DEVICE(OP, x, "x", (*sizes), "sizes");
   GTP_CHECK_DEVICE_TYPE(OP, x, "x", device);
-  TORCH_CHECK_VALUE(!std::isnan(alpha), OP ": alpha must not be NaN");
+  TORCH_CHECK_VALUE(std::isfinite(alpha), OP ": alpha must be finite, got ", alpha);
+#undef OP
+}
+
+// The index-argument errors a propagate kernel found (bits of common/propagate.h), raised after
+// its pass, in the same order on every backend.
+inline void raise_propagate_errors(int err, int64_t n) {
+#define OP "gtp.propagate"
+  TORCH_CHECK_VALUE(!(err & propagate::kBadKeep),
+                    OP ": keep entries must be in [0, n) = [0, ", n, "), got out of range");
+  TORCH_CHECK_VALUE(!(err & propagate::kDupKeep), OP ": keep has duplicate entries in a row");
+  TORCH_CHECK_VALUE(!(err & propagate::kBadIndex),
+                    OP ": index entries must be in [-1, n) = [-1, ", n, "), got out of range");
 #undef OP
 }
 

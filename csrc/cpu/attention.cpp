@@ -48,7 +48,8 @@
 #endif
 
 #include "common/attention.h"
-#include "common/checks.h"
+#include "common/op_args.h"
+#include "common/radix.h"
 
 #if AT_BUILD_WITH_BLAS() && defined(__GNUC__)
 // The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS, LP64). Calling it
@@ -76,27 +77,6 @@ namespace {
 
 using attention::ScoreKind;
 using attention::ScoreStrategy;
-
-ScoreStrategy parse_score(const std::string& s) {
-  static const struct {
-    const char* name;
-    ScoreKind kind;
-    bool mean;
-  } table[] = {
-      {"none", ScoreKind::kNone, false},       {"mixed_max", ScoreKind::kMixed, false},
-      {"mixed_mean", ScoreKind::kMixed, true}, {"diag_max", ScoreKind::kDiag, false},
-      {"diag_mean", ScoreKind::kDiag, true},   {"colsum_max", ScoreKind::kColsum, false},
-      {"colsum_mean", ScoreKind::kColsum, true}, {"cls_max", ScoreKind::kCls, false},
-      {"cls_mean", ScoreKind::kCls, true},     {"sum_max", ScoreKind::kSum, false},
-  };
-  for (const auto& e : table) {
-    if (s == e.name) return ScoreStrategy{e.kind, e.mean};
-  }
-  TORCH_CHECK_VALUE(false, OP ": score must be one of none, mixed_max, mixed_mean, diag_max, ",
-                    "diag_mean, colsum_max, colsum_mean, cls_max, cls_mean, sum_max; got '", s,
-                    "'");
-  return {};
-}
 
 // Row-major C (m x n, ldc) = alpha * A (m x k, lda) @ op(B); op(B) = B^T with B (n x k, ldb)
 // when b_trans, else B (k x n, ldb). Column-major BLAS sees C^T = op(B)^T A^T.
@@ -128,14 +108,9 @@ void gemm_rowmajor(bool b_trans, int64_t m, int64_t n, int64_t k, T alpha, const
   if (alpha != T(1)) C.mul_(alpha);
 }
 
-// Rank kk (1-based) inside a histogram: the bucket holding it; kk becomes the rank inside it.
-inline uint32_t find_bucket(const uint32_t* hist, uint32_t bins, int64_t& kk) {
-  int64_t below = 0;
-  uint32_t b = 0;
-  for (; b + 1 < bins && below + static_cast<int64_t>(hist[b]) < kk; ++b) below += hist[b];
-  kk -= below;
-  return b;
-}
+// The first digit level of every select here: key bits 20..30 (2048 bins), the CUDA kernel's
+// first level too (common/radix.h).
+constexpr radix::Level kLevel1 = radix::prob_level(0);
 
 // Exact rank-r key (1-based) among the c keys of cand, all in [base, base + span): radix levels
 // over the offsets key - base, 11 bits at a time from the top bit of span - 1, each level
@@ -150,7 +125,7 @@ uint32_t select_offsets(uint32_t* cand, int64_t c, int64_t r, uint32_t base, uin
     const uint32_t bins = static_cast<uint32_t>(((span - 1) >> shift) + 1);  // <= 2048
     std::fill(hist, hist + bins, 0u);
     for (int64_t j = 0; j < c; ++j) hist[(cand[j] - base) >> shift]++;
-    const uint32_t b = find_bucket(hist, bins, r);
+    const uint32_t b = radix::find_bucket(hist, bins, r);
     if (shift == 0) return base + b;
     int64_t m = 0;
     for (int64_t j = 0; j < c; ++j) {  // in place: m <= j
@@ -175,23 +150,24 @@ float radix_select(const float* x, int64_t count, int64_t kk, uint32_t* hist, ui
   std::fill(hist, hist + 4 * 2048, 0u);
   int64_t i = 0;
   for (; i + 4 <= count; i += 4) {
-    hist[attention::prob_key(x[i]) >> 20]++;
-    hist[2048 + (attention::prob_key(x[i + 1]) >> 20)]++;
-    hist[4096 + (attention::prob_key(x[i + 2]) >> 20)]++;
-    hist[6144 + (attention::prob_key(x[i + 3]) >> 20)]++;
+    hist[kLevel1.digit(attention::prob_key(x[i]))]++;
+    hist[2048 + kLevel1.digit(attention::prob_key(x[i + 1]))]++;
+    hist[4096 + kLevel1.digit(attention::prob_key(x[i + 2]))]++;
+    hist[6144 + kLevel1.digit(attention::prob_key(x[i + 3]))]++;
   }
-  for (; i < count; ++i) hist[attention::prob_key(x[i]) >> 20]++;
+  for (; i < count; ++i) hist[kLevel1.digit(attention::prob_key(x[i]))]++;
   for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
-  const uint32_t b1 = find_bucket(hist, 2048, kk);
+  const uint32_t b1 = radix::find_bucket(hist, 2048, kk);
   // compact the keys of bucket b1 (branch free: the store always happens, the count moves on
   // a hit)
   int64_t c = 0;
   for (i = 0; i < count; ++i) {
     const uint32_t key = attention::prob_key(x[i]);
     cand[c] = key;
-    c += (key >> 20) == b1;
+    c += kLevel1.digit(key) == b1;
   }
-  return attention::key_prob(select_offsets(cand, c, kk, b1 << 20, uint64_t{1} << 20, hist));
+  return attention::key_prob(
+      select_offsets(cand, c, kk, b1 << kLevel1.shift, uint64_t{1} << kLevel1.shift, hist));
 }
 
 // One pass over the tile for the windowed select: counts the keys below lo_key (returned in
@@ -260,14 +236,14 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
     int64_t ns = 0, i = 0;
     for (; i + 4 * kStep <= count; i += 4 * kStep, ns += 4) {
       for (int u = 0; u < 4; ++u) samp[ns + u] = attention::prob_key(x[i + u * kStep]);
-      hist[samp[ns] >> 20]++;
-      hist[2048 + (samp[ns + 1] >> 20)]++;
-      hist[4096 + (samp[ns + 2] >> 20)]++;
-      hist[6144 + (samp[ns + 3] >> 20)]++;
+      hist[kLevel1.digit(samp[ns])]++;
+      hist[2048 + kLevel1.digit(samp[ns + 1])]++;
+      hist[4096 + kLevel1.digit(samp[ns + 2])]++;
+      hist[6144 + kLevel1.digit(samp[ns + 3])]++;
     }
     for (; i < count; i += kStep, ++ns) {
       samp[ns] = attention::prob_key(x[i]);
-      hist[samp[ns] >> 20]++;
+      hist[kLevel1.digit(samp[ns])]++;
     }
     for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
     const double p = static_cast<double>(kk) / static_cast<double>(count);
@@ -276,10 +252,10 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
     const int64_t lo_rank = std::max<int64_t>(1, static_cast<int64_t>(est - margin));
     const int64_t hi_rank = std::min<int64_t>(ns, static_cast<int64_t>(est + margin) + 1);
     int64_t r_lo = lo_rank, r_hi = hi_rank;
-    const uint32_t b_lo = find_bucket(hist, 2048, r_lo);
-    const uint32_t b_hi = find_bucket(hist, 2048, r_hi);
-    uint32_t lo_key = b_lo << 20;
-    uint64_t hi_key = uint64_t{b_hi + 1} << 20;  // window [lo_key, hi_key)
+    const uint32_t b_lo = radix::find_bucket(hist, 2048, r_lo);
+    const uint32_t b_hi = radix::find_bucket(hist, 2048, r_hi);
+    uint32_t lo_key = b_lo << kLevel1.shift;
+    uint64_t hi_key = uint64_t{b_hi + 1} << kLevel1.shift;  // window [lo_key, hi_key)
     int64_t in_buckets = 0;
     for (uint32_t b = b_lo; b <= b_hi; ++b) in_buckets += hist[b];
     if (in_buckets > 2 * (hi_rank - lo_rank + 1)) {
@@ -301,8 +277,8 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
       // r_lo and r_hi are already the ranks inside b_lo and b_hi; make both relative to lo_key
       const int64_t below_hi = in_buckets - hist[b_hi];
       int64_t f_lo = r_lo, f_hi = r_hi + below_hi;
-      const uint32_t s_lo = find_bucket(fine, bins, f_lo);
-      const uint32_t s_hi = find_bucket(fine, bins, f_hi);
+      const uint32_t s_lo = radix::find_bucket(fine, bins, f_lo);
+      const uint32_t s_hi = radix::find_bucket(fine, bins, f_hi);
       hi_key = lo_key + (uint64_t{s_hi + 1} << shift);
       lo_key += s_lo << shift;
     }
@@ -583,44 +559,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                   const std::optional<at::Tensor>& log_sizes,
                                                   double scale, double sparsity,
                                                   int64_t num_prefix, c10::string_view score) {
-  TORCH_CHECK_VALUE(q.dim() == 4, OP ": q must have 4 dimensions (B, H, N, d), got shape ",
-                    q.sizes());
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), OP ": k must have the shape of q ", q.sizes(),
-                    ", got shape ", k.sizes());
-  TORCH_CHECK_VALUE(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-                    OP ": v must have shape (B, H, N, dv) with (B, H, N) = ", q.sizes().slice(0, 3),
-                    " of q, got shape ", v.sizes());
-  GTP_CHECK_FLOATING(OP, q, "q");
-  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type(), OP ": k must have the dtype of q (",
-                    q.scalar_type(), "), got ", k.scalar_type());
-  TORCH_CHECK_VALUE(v.scalar_type() == q.scalar_type(), OP ": v must have the dtype of q (",
-                    q.scalar_type(), "), got ", v.scalar_type());
-  GTP_CHECK_DEVICE_TYPE(OP, q, "q", c10::DeviceType::CPU);
-  GTP_CHECK_SAME_DEVICE(OP, q, "q", k, "k");
-  GTP_CHECK_SAME_DEVICE(OP, q, "q", v, "v");
+  const ScoreStrategy strategy = args::check_attention(q, k, v, log_sizes, scale, sparsity,
+                                                       num_prefix, score, c10::DeviceType::CPU);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dv = v.size(3);
-  TORCH_CHECK_VALUE(H >= 1, OP ": q must have at least one head, got shape ", q.sizes());
   const float* ls_ptr = nullptr;
   at::Tensor ls;
   if (log_sizes.has_value()) {
-    ls = *log_sizes;
-    TORCH_CHECK_VALUE(ls.dim() == 2 && ls.size(0) == B && ls.size(1) == N,
-                      OP ": log_sizes must have shape (B, N) = [", B, ", ", N, "], got shape ",
-                      ls.sizes());
-    TORCH_CHECK_VALUE(ls.scalar_type() == at::kFloat, OP ": log_sizes must be float32, got ",
-                      ls.scalar_type());
-    GTP_CHECK_SAME_DEVICE(OP, q, "q", ls, "log_sizes");
-    ls = ls.contiguous();
+    ls = log_sizes->contiguous();
     ls_ptr = ls.const_data_ptr<float>();
   }
-  TORCH_CHECK_VALUE(std::isfinite(scale), OP ": scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(sparsity > 0.0 && sparsity <= 1.0,
-                    OP ": sparsity (theta) must be in (0, 1], got ", sparsity);
-  TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix <= N, OP ": num_prefix must be in [0, N] = [0, ",
-                    N, "], got ", num_prefix);
-  const ScoreStrategy strategy = parse_score(std::string(score));
-  TORCH_CHECK_VALUE(!strategy.needs_cls() || num_prefix >= 1, OP ": score '", score,
-                    "' needs a CLS token (num_prefix >= 1), got num_prefix 0");
   const int64_t n_img = N - num_prefix;
 
   // out is (B, H, N, dv) with (B, N, H, dv) memory: timm's next step,

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "common/build_graph.h"
-#include "common/checks.h"
+#include "common/op_args.h"
 
 namespace gtp {
 namespace {
@@ -119,14 +119,6 @@ int64_t compact_above(const float* v, int64_t c, float thr, int32_t* out) {
   return m;
 }
 
-GraphType parse_graph(std::string_view graph) {
-  if (graph == "spatial") return GraphType::Spatial;
-  if (graph == "semantic") return GraphType::Semantic;
-  if (graph == "mixed") return GraphType::Mixed;
-  TORCH_CHECK_VALUE(false, OP ": graph must be 'spatial', 'semantic' or 'mixed', got '", graph,
-                    "'");
-}
-
 // One token, L2-normalised in float32 as the reference does: u / max(||u||, 1e-12) of the exact
 // power-of-two scaling u = x * 2^-ex of build_graph::pow2_split (max |u| in [0.5, 1)), so that
 // no finite token overflows or underflows (float32 near 1e30, float64 beyond float32's range,
@@ -138,23 +130,6 @@ GraphType parse_graph(std::string_view graph) {
 // scaling: convert + max |x|; the sum of squares of x in float64 over 8 independent lanes (no
 // float value overflows or underflows there), times 2^-2ex (exact) for that of u; scale +
 // divide. Float64 tokens are scaled in float64 before their one rounding to float32.
-// frexp's exponent of a finite float m > 0 and the floats / doubles 2^k, from the bits: the libm
-// calls cost as much as a pass over a token (one token takes three).
-inline int frexp_exponent(float m) {
-  const uint32_t bits = std::bit_cast<uint32_t>(m);
-  const int biased = static_cast<int>(bits >> 23);
-  return biased != 0 ? biased - 126 : -117 - __builtin_clz(bits);  // subnormal: from the top bit
-}
-
-inline float pow2f(int k) {  // k in [-149, 127]
-  return k >= -126 ? std::bit_cast<float>(static_cast<uint32_t>(k + 127) << 23)
-                   : std::bit_cast<float>(uint32_t{1} << (k + 149));
-}
-
-inline double pow2d(int k) {  // k in [-1022, 1023]
-  return std::bit_cast<double>(static_cast<uint64_t>(k + 1023) << 52);
-}
-
 template <typename scalar_t>
 bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
   constexpr int kLanes = 8;
@@ -209,10 +184,10 @@ bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
       }
     }
     if (!(mx <= std::numeric_limits<float>::max())) return false;  // an infinity
-    if (mx > 0.0f) ex = frexp_exponent(mx);
+    if (mx > 0.0f) ex = build_graph::frexp_exponent(mx);
     build_graph::pow2_split(ex, &e1, &e2);
-    s1 = pow2f(e1);
-    s2 = pow2f(e2);
+    s1 = build_graph::pow2f(e1);
+    s2 = build_graph::pow2f(e2);
     int64_t c = 0;
     for (; c + kLanes <= C; c += kLanes) {
       for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
@@ -220,12 +195,12 @@ bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
     for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
     // ||u||^2 = 2^-2ex ||x||^2 exactly (float64 holds every float's square); the squares of
     // the entries of u that round (subnormal ones) are far below an ulp of the sum.
-    sumsq = sum_lanes() * pow2d(-2 * ex);
+    sumsq = sum_lanes() * build_graph::pow2d(-2 * ex);
   }
   if (sumsq != sumsq) return false;  // a NaN
   // Divide, as the reference does: x * (1 / ||x||) is cheaper but off by an ulp, which breaks
   // exact ties such as C = 1 tokens (x / |x| = +-1 exactly, x * (1 / |x|) not always).
-  const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
+  const float denom = build_graph::norm_divisor(sumsq);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) e[c] = (e[c] * s1 * s2) / denom;
   return true;
@@ -367,17 +342,9 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
 std::tuple<at::Tensor, at::Tensor> build_graph_cpu(const at::Tensor& tokens, int64_t height,
                                                    int64_t width, int64_t num_neighbours,
                                                    c10::string_view graph) {
-  GTP_CHECK_DIM(OP, tokens, "tokens", 3);
-  GTP_CHECK_FLOATING(OP, tokens, "tokens");
+  const GraphType g = args::check_build_graph(tokens, height, width, num_neighbours, graph,
+                                              c10::DeviceType::CPU);
   const int64_t B = tokens.size(0), n = tokens.size(1);
-  const GraphType g = parse_graph(std::string_view(graph.data(), graph.size()));
-  TORCH_CHECK_VALUE(height >= 1 && width >= 1 && height * width == n,
-                    OP ": height * width must equal the number of tokens n = ", n,
-                    " (tokens.shape[1]), got height=", height, ", width=", width);
-  TORCH_CHECK_VALUE(num_neighbours >= 0 && num_neighbours <= n - 1,
-                    OP ": num_neighbours must be in [0, n - 1] = [0, ", n - 1, "], got ",
-                    num_neighbours);
-  TORCH_CHECK_VALUE(n < (int64_t{1} << 31), OP ": tokens.shape[1] must fit int32, got ", n);
   const int64_t k = num_neighbours;
   const int64_t slots = build_graph::graph_width(g, k);
   at::Tensor index = at::empty({B, n, slots}, tokens.options().dtype(at::kInt));

@@ -33,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-#include "common/checks.h"
+#include "common/op_args.h"
 #include "common/propagate.h"
 
 namespace gtp {
@@ -278,42 +278,9 @@ void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
     const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& keep,
     double alpha, int64_t num_prefix, const std::optional<at::Tensor>& sizes) {
-  GTP_CHECK_DIM(OP, x, "x", 3);
-  GTP_CHECK_FLOATING(OP, x, "x");
+  args::check_propagate(x, index, weight, keep, alpha, num_prefix, sizes, c10::DeviceType::CPU);
   const int64_t batch = x.size(0), big_n = x.size(1), channels = x.size(2);
-  TORCH_CHECK_VALUE(num_prefix >= 0 && num_prefix <= big_n,
-                    OP ": num_prefix must be in [0, N] = [0, ", big_n, "], got ", num_prefix);
-  const int64_t n = big_n - num_prefix;
-  GTP_CHECK_DIM(OP, index, "index", 3);
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kInt, OP ": index must be int32, got ",
-                    index.scalar_type());
-  TORCH_CHECK_VALUE(index.size(0) == batch && index.size(1) == n,
-                    OP ": index must have shape (B, N - num_prefix, W) = (", batch, ", ", n,
-                    ", W), got ", index.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, OP ": weight must be float32, got ",
-                    weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.sizes() == index.sizes(), OP ": weight must have the shape of index ",
-                    index.sizes(), ", got ", weight.sizes());
-  GTP_CHECK_DIM(OP, keep, "keep", 2);
-  TORCH_CHECK_VALUE(keep.scalar_type() == at::kLong, OP ": keep must be int64, got ",
-                    keep.scalar_type());
-  const int64_t kept = keep.size(1);
-  TORCH_CHECK_VALUE(keep.size(0) == batch && kept <= n && (n == 0 || kept >= 1),
-                    OP ": keep must have shape (B, n - P) with B = ", batch,
-                    " and 1 <= n - P <= n = ", n, ", got ", keep.sizes());
-  if (sizes.has_value()) {
-    TORCH_CHECK_VALUE(sizes->scalar_type() == at::kFloat, OP ": sizes must be float32, got ",
-                      sizes->scalar_type());
-    TORCH_CHECK_VALUE(sizes->dim() == 2 && sizes->size(0) == batch && sizes->size(1) == big_n,
-                      OP ": sizes must have shape (B, N) = (", batch, ", ", big_n, "), got ",
-                      sizes->sizes());
-  }
-  GTP_CHECK_SAME_DEVICE(OP, x, "x", index, "index");
-  GTP_CHECK_SAME_DEVICE(OP, x, "x", weight, "weight");
-  GTP_CHECK_SAME_DEVICE(OP, x, "x", keep, "keep");
-  if (sizes.has_value()) GTP_CHECK_SAME_DEVICE(OP, x, "x", (*sizes), "sizes");
-  GTP_CHECK_DEVICE_TYPE(OP, x, "x", c10::DeviceType::CPU);
-  TORCH_CHECK_VALUE(std::isfinite(alpha), OP ": alpha must be finite, got ", alpha);
+  const int64_t n = big_n - num_prefix, kept = keep.size(1);
 
   const int64_t width = index.size(2);
   const int64_t rows_out = num_prefix + kept;
@@ -355,12 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "propagate_cpu", [&] {
     propagate_rows<scalar_t>(a, xc.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), err);
   });
-  TORCH_CHECK_VALUE(!(err.load() & propagate::kBadKeep),
-                    OP ": keep entries must be in [0, n) = [0, ", n, "), got out of range");
-  TORCH_CHECK_VALUE(!(err.load() & propagate::kDupKeep),
-                    OP ": keep has duplicate entries in a row");
-  TORCH_CHECK_VALUE(!(err.load() & propagate::kBadIndex),
-                    OP ": index entries must be in [-1, n) = [-1, ", n, "), got out of range");
+  args::raise_propagate_errors(err.load(), n);
   return {x_out, sizes_out, index_out, weight_out};
 }
 

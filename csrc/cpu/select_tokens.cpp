@@ -2,8 +2,9 @@
 //
 // Order: (score ascending, position descending), so among equal scores the higher position is
 // propagated first and the lower one kept. Scores rank -inf < finite < +inf < NaN (all NaNs
-// equal, as torch.sort orders them): NaN scores are kept first, and no score is rejected. One nth_element per row (on packed integer keys)
-// finds the P-th token of that order; a linear scan then writes both lists already ascending.
+// equal, as torch.sort orders them): NaN scores are kept first, and no score is rejected. One
+// nth_element per row (on packed integer keys) finds the P-th token of that order; a linear scan
+// then writes both lists already ascending.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,33 +15,25 @@
 #include <numeric>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/op_args.h"
+#include "common/order.h"
 
 namespace gtp {
 namespace {
 
 #define OP "gtp.select_tokens"
 
-// Ascending keys <=> (score ascending, position descending). -0.0 is folded into +0.0 (they
-// compare equal as floats), every NaN into one positive quiet NaN (whose key is above +inf's);
-// the float's bits are mapped so that unsigned order = float order.
+// Ascending keys <=> (score ascending, position descending): the order key of the score
+// (common/order.h: -0.0 folded into +0.0, every NaN one key above +inf's) above the
+// complemented position.
 inline uint64_t sort_key(float score, int64_t position) {
-  uint32_t bits;
-  const float s = score + 0.0f;  // -0.0 -> +0.0
-  std::memcpy(&bits, &s, sizeof(bits));
-  bits = s != s ? 0x7fc00000u : bits;
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(position));
+  return (static_cast<uint64_t>(order::order_key(score)) << 32) |
+         (0xFFFFFFFFu - static_cast<uint32_t>(position));
 }
 
 std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& score, int64_t num_prop) {
-  GTP_CHECK_DIM(OP, score, "score", 2);
-  TORCH_CHECK_VALUE(score.scalar_type() == at::kFloat, OP ": score must be float32, got ",
-                    score.scalar_type());
+  args::check_select_tokens(score, num_prop, c10::DeviceType::CPU);
   const int64_t B = score.size(0), n = score.size(1), P = num_prop;
-  TORCH_CHECK_VALUE(P >= 0 && P <= n - 1, OP ": num_prop must be in [0, n - 1] = [0, ", n - 1,
-                    "], got ", P);
-  TORCH_CHECK_VALUE(n <= (int64_t{1} << 32), OP ": score.shape[1] must be at most 2^32, got ", n);
   at::Tensor keep = at::empty({B, n - P}, score.options().dtype(at::kLong));
   at::Tensor prop = at::empty({B, P}, score.options().dtype(at::kLong));
   if (B == 0) return {keep, prop};

@@ -360,15 +360,31 @@ struct TileWork {
         }
       }
     }
+    // scale * (q . k) + log_sizes[j]: a multiply and an add, each rounded (no FMA), as the
+    // reference and the CPU kernel compute the logits after the GEMM. Without log sizes the add
+    // is of +0.0 (it only turns a -0.0 logit into +0.0), branch free: a select here spilled on
+    // sm_80.
     const T scale = static_cast<T>(p.scale);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int j = k0 + kl + frag_key(e, t);
-      if (lsb != nullptr && j < p.n_tok) {
-        s[e] = fma(dot[e], scale, static_cast<T>(lsb[j]));
-      } else {
-        s[e] = dot[e] * scale;
-      }
+      const T lsj = lsb != nullptr && j < p.n_tok ? static_cast<T>(lsb[j]) : T(0);
+      s[e] = add_rn(mul_rn(dot[e], scale), lsj);
+    }
+  }
+
+  static __device__ __forceinline__ T mul_rn(T a, T b) {
+    if constexpr (std::is_same_v<T, double>) {
+      return __dmul_rn(a, b);
+    } else {
+      return __fmul_rn(a, b);
+    }
+  }
+  static __device__ __forceinline__ T add_rn(T a, T b) {
+    if constexpr (std::is_same_v<T, double>) {
+      return __dadd_rn(a, b);
+    } else {
+      return __fadd_rn(a, b);
     }
   }
 

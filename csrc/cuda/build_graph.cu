@@ -1,11 +1,11 @@
 // build_graph on CUDA (SPEC 1): spatial / semantic / mixed token graph in ELL form.
 //
 // Three kernels:
-//   normalise   one warp per token: E = x / max(||x||, 1e-12) in float32 into a (B, n, C)
-//               scratch buffer (the squared norm accumulated in float64, so finite inputs never
-//               overflow; float64 tokens are scaled by their largest |x| first). A token holding
-//               NaN or Inf becomes a row of NaN: its cosine similarity to every token is NaN,
-//               which ranks as the most similar (the non-finite rule).
+//   normalise   one warp per token: E = u / max(||u||, 1e-12) in float32 into a (B, n, C)
+//               scratch buffer, u = x scaled by a power of two so that no finite token
+//               overflows (the CPU kernel's arithmetic, shared helpers of common/build_graph.h).
+//               A token holding NaN or Inf becomes a row of NaN: its cosine similarity to every
+//               token is NaN, which ranks as the most similar (the non-finite rule).
 //   rows        one block per (image, R rows): the R x n similarities E_i . E_j in shared memory
 //               (tiled SIMT GEMM, float32, each dot product accumulated in channel order, so two
 //               identical tokens get bitwise identical similarities and an exact tie stays one),
@@ -19,6 +19,9 @@
 // spatial_neighbours, as the CPU kernel does.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <type_traits>
 
 #include "common/build_graph.h"
 #include "common/op_args.h"
@@ -44,60 +47,78 @@ constexpr int kOutPerThread = kMaxRows * kTileCols / kThreads;  // 8
 // ---------------------------------------------------------------------------------------------
 // normalise: one warp per token
 
+// The token u = x * 2^-ex (build_graph::pow2_split, max |u| in [0.5, 1)) divided by
+// max(||u||, 1e-12): the CPU kernel's arithmetic (csrc/cpu/build_graph.cpp, normalise_row) and
+// the reference's, so no finite token overflows or underflows. Float32 / float16 / bfloat16
+// tokens are scaled in float32 (powers of two: exact for normal results), ||u||^2 is the float64
+// sum of squares of x times 2^-2ex; float64 tokens are scaled in float64 and rounded once.
+// A token holding NaN or Inf becomes a row of NaN.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 4)
     normalise_kernel(const S* __restrict__ x, int64_t sb, int64_t sn, int64_t sc, int64_t batch,
                      int64_t n, int64_t channels, float* __restrict__ e) {
-  using acc_t = typename cuda::Elem<S>::acc_t;
+  constexpr bool kWide = std::is_same_v<S, double>;
+  using V = std::conditional_t<kWide, double, float>;  // the token's values
   const int lane = threadIdx.x & 31;
   const int64_t t = cuda::warp_uniform(
       static_cast<int64_t>(blockIdx.x) * kWarps + static_cast<int64_t>(threadIdx.x >> 5));
   if (t >= batch * n) return;
   const S* row = x + (t / n) * sb + (t % n) * sn;
   float* out = e + t * channels;
-  // Pass 1: any non-finite entry, and the largest |x| (float64 tokens are scaled by it).
-  bool finite = true;
-  double amax = 0.0;
+  const auto value = [&](int64_t c) { return static_cast<V>(cuda::Elem<S>::load(row[c * sc])); };
+  // Pass 1: max |x| (NaN skipped, as fmax does) and whether any entry is NaN.
+  V mx = 0;
+  bool nan = false;
   for (int64_t base = 0; base < channels; base += 32) {
     const int64_t c = base + lane;
     if (c < channels) {
-      const double v = static_cast<double>(cuda::Elem<S>::load(row[c * sc]));
-      finite = finite && isfinite(v);
-      amax = fmax(amax, fabs(v));
+      const V v = value(c);
+      nan = nan || v != v;
+      mx = fmax(mx, fabs(v));
     }
   }
-  finite = __all_sync(cuda::kFullMask, finite);
-  amax = cuda::warp_nan_max(amax);
-  // Pass 2: the squared norm in float64 (of x / amax for float64 tokens).
-  const bool scaled = sizeof(acc_t) == 8 && amax > 0.0;
-  const double inv_amax = scaled ? 1.0 / amax : 1.0;
+  nan = __any_sync(cuda::kFullMask, nan);
+  mx = cuda::warp_nan_max(mx);
+  const bool bad = nan || !(mx <= std::numeric_limits<V>::max());  // NaN or an infinity
+  int ex = 0, e1 = 0, e2 = 0;
+  if (!bad && mx > 0) {
+    if constexpr (kWide) {
+      frexp(mx, &ex);
+    } else {
+      ex = build_graph::frexp_exponent(mx);
+    }
+  }
+  build_graph::pow2_split(ex, &e1, &e2);
+  // Pass 2: ||u||^2 in float64.
   double sumsq = 0.0;
   for (int64_t base = 0; base < channels; base += 32) {
     const int64_t c = base + lane;
     if (c < channels) {
-      const double v = static_cast<double>(cuda::Elem<S>::load(row[c * sc]));
-      const double u = scaled ? v * inv_amax : v;
-      sumsq += u * u;
+      if constexpr (kWide) {
+        const double u = static_cast<float>(value(c) * ldexp(1.0, e1) * ldexp(1.0, e2));
+        sumsq += u * u;
+      } else {
+        const double v = value(c);
+        sumsq += v * v;
+      }
     }
   }
   sumsq = cuda::warp_sum(sumsq);
-  const double norm = scaled ? amax * sqrt(sumsq) : sqrt(sumsq);
-  // Pass 3: divide, as the reference does (x * (1 / ||x||) is off by an ulp and would break
-  // exact ties such as C = 1 tokens, where x / |x| = +-1 exactly).
+  if constexpr (!kWide) sumsq *= build_graph::pow2d(-2 * ex);
+  const float denom = build_graph::norm_divisor(sumsq);
+  // Pass 3: scale and divide, as the reference does (x * (1 / ||x||) is off by an ulp and would
+  // break exact ties such as C = 1 tokens, where x / |x| = +-1 exactly).
+  const float s1 = build_graph::pow2f(e1), s2 = build_graph::pow2f(e2);
   for (int64_t base = 0; base < channels; base += 32) {
     const int64_t c = base + lane;
     if (c < channels) {
-      float v;
-      if (!finite) {
-        v = __int_as_float(0x7FC00000);  // NaN
-      } else if (sizeof(acc_t) == 8) {
-        const double denom = fmax(norm, 1e-12);
-        v = static_cast<float>(static_cast<double>(cuda::Elem<S>::load(row[c * sc])) / denom);
+      float u;
+      if constexpr (kWide) {
+        u = static_cast<float>(value(c) * ldexp(1.0, e1) * ldexp(1.0, e2));
       } else {
-        const float denom = fmaxf(static_cast<float>(norm), 1e-12f);
-        v = static_cast<float>(cuda::Elem<S>::load(row[c * sc])) / denom;
+        u = __fmul_rn(__fmul_rn(value(c), s1), s2);
       }
-      out[c] = v;
+      out[c] = bad ? __int_as_float(0x7FC00000) : __fdiv_rn(u, denom);
     }
   }
 }
