@@ -59,6 +59,13 @@ def _decide_cuda():
         raise SystemExit(f"GTP_BUILD_CUDA must be auto, 1 or 0, got {mode!r}")
     if mode == "0":
         return False, "GTP_BUILD_CUDA=0"
+    if os.environ.get("GTP_SANITIZE"):
+        # ASan / UBSan instrument host code only; the CUDA kernels are checked with
+        # compute-sanitizer on a GPU (README). A sanitized copy is CPU-only, which also keeps CI
+        # from compiling the .cu files once more.
+        if mode == "1":
+            raise SystemExit("GTP_BUILD_CUDA=1 and GTP_SANITIZE: a sanitized build is CPU-only")
+        return False, "GTP_SANITIZE (host sanitizers; CUDA kernels: compute-sanitizer)"
     import torch
 
     cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
