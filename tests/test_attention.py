@@ -460,10 +460,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", range(len(BAD)))
-def test_bad_inputs(backend, case):
-    over, msg = BAD[case]
+def bad_args(case, device="cpu"):
+    """The arguments of BAD[case]: valid ones with the case's bad ones in, on `device`."""
+    over, _ = BAD[case]
     args = dict(
         q=torch.randn(2, 2, 5, 4),
         k=torch.randn(2, 2, 5, 4),
@@ -475,5 +474,11 @@ def test_bad_inputs(backend, case):
         score="mixed_max",
     )
     args.update(over)
-    with pytest.raises(ValueError, match=msg):
-        run(backend, *args.values())
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args.values()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_inputs(backend, case):
+    with pytest.raises(ValueError, match=BAD[case][1]):
+        run(backend, *bad_args(case))

@@ -483,21 +483,8 @@ def test_attention_backward_matches_reference():
 
 @pytest.mark.parametrize("case", range(len(ta.BAD)))
 def test_attention_bad_inputs(case):
-    over, msg = ta.BAD[case]
-    args = dict(
-        q=torch.randn(2, 2, 5, 4),
-        k=torch.randn(2, 2, 5, 4),
-        v=torch.randn(2, 2, 5, 4),
-        log_sizes=None,
-        scale=0.5,
-        theta=0.7,
-        num_prefix=1,
-        score="mixed_max",
-    )
-    args.update(over)
-    args = {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    with pytest.raises(ValueError, match=msg):
-        torch.ops.gtp.attention(*args.values())
+    with pytest.raises(ValueError, match=ta.BAD[case][1]):
+        torch.ops.gtp.attention(*ta.bad_args(case, DEV))
 
 
 def test_attention_inputs_on_two_devices_fail_clearly():

@@ -1,10 +1,12 @@
 // Argument checks of every gtp op's entry point, shared by the CPU and the CUDA kernels so that
 // a bad argument fails with the same ValueError, the same message, in the same order, on every
 // backend (the reference has the same checks in Python: gtp_kernels/reference/*.py). Each check
-// names the op and the argument. `device` is the device type the calling kernel runs on.
+// names the op and the argument. `device` is the device type the calling kernel runs on. Also
+// the outputs both backends allocate (shapes, dtypes, memory layouts), allocated alike.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -13,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 
 #include "common/attention.h"
 #include "common/build_graph.h"
@@ -110,6 +113,20 @@ inline void check_propagate(const at::Tensor& x, const at::Tensor& index, const 
 #undef OP
 }
 
+// propagate's outputs: x (B, M + R, C) in x's dtype, sizes (B, M + R) float32 or an empty (0,)
+// tensor, the re-indexed graph (B, R, W) int32 / float32.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_outputs(
+    const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& keep,
+    int64_t num_prefix, bool with_sizes) {
+  const int64_t batch = x.size(0), channels = x.size(2), kept = keep.size(1);
+  const int64_t width = index.size(2), rows_out = num_prefix + kept;
+  const auto f32 = x.options().dtype(at::kFloat);
+  return {at::empty({batch, rows_out, channels}, x.options()),
+          with_sizes ? at::empty({batch, rows_out}, f32) : at::empty({0}, f32),
+          at::empty({batch, kept, width}, index.options()),
+          at::empty({batch, kept, width}, weight.options())};
+}
+
 // The index-argument errors a propagate kernel found (bits of common/propagate.h), raised after
 // its pass, in the same order on every backend.
 inline void raise_propagate_errors(int err, int64_t n) {
@@ -188,6 +205,22 @@ inline attention::ScoreStrategy check_attention(const at::Tensor& q, const at::T
                     "' needs a CLS token (num_prefix >= 1), got num_prefix 0");
 #undef OP
   return strategy;
+}
+
+// attention's outputs: out (B, H, N, dv) in q's dtype with (B, N, H, dv) memory (timm's next
+// step, out.transpose(1, 2).reshape(B, N, H * dv), is then a free view) and score (B, N - M)
+// float32 ((B, 0) for "none"). With no (image, head) tile to compute (B = 0 or N = 0) the score
+// is already final: zeros.
+inline std::tuple<at::Tensor, at::Tensor> attention_outputs(const at::Tensor& q,
+                                                            const at::Tensor& v,
+                                                            int64_t num_prefix,
+                                                            attention::ScoreStrategy strategy) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dv = v.size(3);
+  at::Tensor out = at::empty({B, N, H, dv}, q.options()).permute({0, 2, 1, 3});
+  const int64_t cols = strategy.kind == attention::ScoreKind::kNone ? 0 : N - num_prefix;
+  at::Tensor score = at::empty({B, cols}, q.options().dtype(at::kFloat));
+  if ((B == 0 || N == 0) && score.numel() > 0) score.zero_();
+  return {out, score};
 }
 
 }  // namespace gtp::args

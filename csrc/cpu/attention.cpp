@@ -569,16 +569,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     ls_ptr = ls.const_data_ptr<float>();
   }
   const int64_t n_img = N - num_prefix;
-
-  // out is (B, H, N, dv) with (B, N, H, dv) memory: timm's next step,
-  // out.transpose(1, 2).reshape(B, N, H * dv), is then a free view.
-  at::Tensor out = at::empty({B, N, H, dv}, q.options()).permute({0, 2, 1, 3});
-  const int64_t score_cols = strategy.kind == ScoreKind::kNone ? 0 : n_img;
-  at::Tensor score_out = at::empty({B, score_cols}, q.options().dtype(at::kFloat));
-  if (B == 0 || N == 0) {
-    if (score_out.numel() > 0) score_out.zero_();
-    return {out, score_out};
-  }
+  auto [out, score_out] = args::attention_outputs(q, v, num_prefix, strategy);
+  if (B == 0 || N == 0) return {out, score_out};
   const int64_t kk = attention::num_masked(N, sparsity);
   const char* sel_env = std::getenv("GTP_ATTENTION_SELECT");
   const std::string sel = sel_env == nullptr ? "" : sel_env;

@@ -283,13 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   const int64_t n = big_n - num_prefix, kept = keep.size(1);
 
   const int64_t width = index.size(2);
-  const int64_t rows_out = num_prefix + kept;
-  at::Tensor x_out = at::empty({batch, rows_out, channels}, x.options());
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor sizes_out =
-      sizes.has_value() ? at::empty({batch, rows_out}, f32) : at::empty({0}, f32);
-  at::Tensor index_out = at::empty({batch, kept, width}, index.options());
-  at::Tensor weight_out = at::empty({batch, kept, width}, weight.options());
+  auto [x_out, sizes_out, index_out, weight_out] =
+      args::propagate_outputs(x, index, weight, keep, num_prefix, sizes.has_value());
   if (batch == 0) return {x_out, sizes_out, index_out, weight_out};
 
   // Channels must be unit-stride for the row copies; batch and token strides are free.

@@ -396,6 +396,24 @@ struct TileWork {
     }
   }
 
+  // Walks the keys 64 at a time: the whole block stages them (K when stage_keys, V's columns
+  // [c0, c0 + kChunk) when stage_values; every thread reaches every barrier), then a warp with
+  // rows calls body(kl, k0) for each 16-key step below N.
+  template <typename Body>
+  __device__ __forceinline__ void over_keys(bool has_rows, bool stage_keys, bool stage_values,
+                                            int c0, Body&& body) {
+    const int N = static_cast<int>(p.n_tok);
+    for (int kt = 0; kt < p.key_tiles; ++kt) {
+      const int k0 = kt * kTileKeys;
+      __syncthreads();
+      if (stage_keys) stage_k(k0);
+      if (stage_values) stage_v(k0, c0);
+      __syncthreads();
+      if (!has_rows) continue;
+      for (int kl = 0; kl < kTileKeys && k0 + kl < N; kl += 16) body(kl, k0);
+    }
+  }
+
   // --- pass 1 -----------------------------------------------------------------------------------
 
   // Resident: S into the shared map, row maxima, then e = exp(s - m) in place and 1 / sum.
@@ -410,27 +428,25 @@ struct TileWork {
     const bool has_rows = rt < p.row_tiles;
     const int r0 = rt * 16;
     if (has_rows) load_q_tile(rt);
-    T m[2] = {-INFINITY, -INFINITY};
-    for (int kt = 0; kt < p.key_tiles; ++kt) {
-      const int k0 = kt * kTileKeys;
-      __syncthreads();
-      stage_k(k0);
-      __syncthreads();
-      if (!has_rows) continue;
-      for (int kl = 0; kl < kTileKeys && k0 + kl < N; kl += 16) {
-        T s[8];
-        scores(kl, k0, s);
+    T m0 = -INFINITY, m1 = -INFINITY;  // rows g and g + 8
+    over_keys(has_rows, true, false, 0, [&](int kl, int k0) {
+      T s[8];
+      scores(kl, k0, s);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int i = r0 + frag_row(e, g), j = k0 + kl + frag_key(e, t);
-          if (i < N && j < N) {
-            map[i * N + j] = s[e];
-            m[(e >> 1) & 1] = cuda::nan_max(m[(e >> 1) & 1], s[e]);
+      for (int e = 0; e < 8; ++e) {
+        const int i = r0 + frag_row(e, g), j = k0 + kl + frag_key(e, t);
+        if (i < N && j < N) {
+          map[i * N + j] = s[e];
+          if ((e >> 1) & 1) {
+            m1 = cuda::nan_max(m1, s[e]);
+          } else {
+            m0 = cuda::nan_max(m0, s[e]);
           }
         }
       }
-    }
+    });
     if (!has_rows) return;
+    T m[2] = {m0, m1};
 #pragma unroll
     for (int u = 0; u < 2; ++u) {  // the four lanes of a quad hold the same two rows
       m[u] = cuda::nan_max(m[u], __shfl_xor_sync(cuda::kFullMask, m[u], 1));
@@ -469,28 +485,21 @@ struct TileWork {
       const int r0 = rt * 16;
       if (has_rows) load_q_tile(rt);
       T m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
-      for (int kt = 0; kt < p.key_tiles; ++kt) {
-        const int k0 = kt * kTileKeys;
-        __syncthreads();
-        stage_k(k0);
-        __syncthreads();
-        if (!has_rows) continue;
-        for (int kl = 0; kl < kTileKeys && k0 + kl < N; kl += 16) {
-          T s[8];
-          scores(kl, k0, s);
+      over_keys(has_rows, true, false, 0, [&](int kl, int k0) {
+        T s[8];
+        scores(kl, k0, s);
 #pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            T tmax = -INFINITY;
+        for (int u = 0; u < 2; ++u) {
+          T tmax = -INFINITY;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              if (((e >> 1) & 1) == u && k0 + kl + frag_key(e, t) < N) {
-                tmax = cuda::nan_max(tmax, s[e]);
-              }
+          for (int e = 0; e < 8; ++e) {
+            if (((e >> 1) & 1) == u && k0 + kl + frag_key(e, t) < N) {
+              tmax = cuda::nan_max(tmax, s[e]);
             }
-            online_update(m[u], l[u], tmax, s, u, k0 + kl);
           }
+          online_update(m[u], l[u], tmax, s, u, k0 + kl);
         }
-      }
+      });
       if (!has_rows) continue;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
@@ -586,25 +595,18 @@ struct TileWork {
         const bool has_rows = rt < p.row_tiles;
         const int r0 = rt * 16;
         if (has_rows) load_q_tile(rt);
-        for (int kt = 0; kt < p.key_tiles; ++kt) {
-          const int k0 = kt * kTileKeys;
-          __syncthreads();
-          stage_k(k0);
-          __syncthreads();
-          if (!has_rows) continue;
-          for (int kl = 0; kl < kTileKeys && k0 + kl < N; kl += 16) {
-            T pv[8];
-            probs(kl, r0, k0, pv);
+        over_keys(has_rows, true, false, 0, [&](int kl, int k0) {
+          T pv[8];
+          probs(kl, r0, k0, pv);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              const int i = r0 + frag_row(e, g), j = k0 + kl + frag_key(e, t);
-              if (i < N && j < N) {
-                const Key key = key_of(pv[e]);
-                if (level.matches(key, prefix)) counter.add(level.digit(key));
-              }
+          for (int e = 0; e < 8; ++e) {
+            const int i = r0 + frag_row(e, g), j = k0 + kl + frag_key(e, t);
+            if (i < N && j < N) {
+              const Key key = key_of(pv[e]);
+              if (level.matches(key, prefix)) counter.add(level.digit(key));
             }
           }
-        }
+        });
       }
     }
     counter.flush();
@@ -716,7 +718,6 @@ struct TileWork {
   }
 
   __device__ __forceinline__ void final_pass(T tau, bool mask) {
-    const int N = static_cast<int>(p.n_tok);
     const int rounds = (p.row_tiles + p.nwarps - 1) / p.nwarps;
     S* out = static_cast<S*>(p.out);
     for (int chunk = 0; chunk < p.dv_chunks; ++chunk) {
@@ -735,24 +736,16 @@ struct TileWork {
 #pragma unroll
           for (int u = 0; u < 4; ++u) acc[nt][u] = AccT(0);
         }
-        for (int kt = 0; kt < p.key_tiles; ++kt) {
-          const int k0 = kt * kTileKeys;
-          __syncthreads();
-          if (!kRes) stage_k(k0);
-          if (nct > 0) stage_v(k0, c0);
-          __syncthreads();
-          if (!has_rows) continue;
-          for (int kl = 0; kl < kTileKeys && k0 + kl < N; kl += 16) {
-            T pv[8];
-            probs(kl, r0, k0, pv);
-            if (mask) {
+        over_keys(has_rows, !kRes, nct > 0, c0, [&](int kl, int k0) {
+          T pv[8];
+          probs(kl, r0, k0, pv);
+          if (mask) {
 #pragma unroll
-              for (int e = 0; e < 8; ++e) pv[e] = pv[e] < tau ? T(0) : pv[e];
-            }
-            if (last) pieces_and_partials(pv, r0, k0 + kl, round == 0);
-            if (nct > 0) pv_step(pv, kl, nct, acc);
+            for (int e = 0; e < 8; ++e) pv[e] = pv[e] < tau ? T(0) : pv[e];
           }
-        }
+          if (last) pieces_and_partials(pv, r0, k0 + kl, round == 0);
+          if (nct > 0) pv_step(pv, kl, nct, acc);
+        });
         if (has_rows && nct > 0) store_out(out, r0, c0, nct, acc);
       }
     }
@@ -968,15 +961,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), dv = v.size(3);
   const int64_t n_img = N - num_prefix;
-  // out is (B, H, N, dv) with (B, N, H, dv) memory, as on the CPU: timm's next step,
-  // out.transpose(1, 2).reshape(B, N, H * dv), is then a free view.
-  at::Tensor out = at::empty({B, N, H, dv}, q.options()).permute({0, 2, 1, 3});
-  const int64_t score_cols = strategy.kind == ScoreKind::kNone ? 0 : n_img;
-  at::Tensor score_out = at::empty({B, score_cols}, q.options().dtype(at::kFloat));
-  if (B == 0 || N == 0) {
-    if (score_out.numel() > 0) score_out.zero_();
-    return {out, score_out};
-  }
+  auto [out, score_out] = args::attention_outputs(q, v, num_prefix, strategy);
+  if (B == 0 || N == 0) return {out, score_out};
   TORCH_CHECK_VALUE(N <= (int64_t{1} << 20), OP ": N must be at most 2^20 tokens, got ", N);
   const bool is_double = q.scalar_type() == at::kDouble;
   at::Tensor pieces;
@@ -1040,16 +1026,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   }
 
   if (strategy.kind != ScoreKind::kNone && n_img > 0) {
-    const int64_t items = B * n_img;
-    const int64_t blocks = (items + 255) / 256;
-    TORCH_CHECK(blocks <= 0x7FFFFFFF, OP ": B * N too large for one launch");
+    const unsigned blocks = cuda::grid_blocks(B * n_img, 256, OP);
     float* so = score_out.mutable_data_ptr<float>();
     if (is_double) {
-      combine_kernel<double><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-          pieces.const_data_ptr<double>(), B, H, n_img, strategy, so);
+      combine_kernel<double><<<blocks, 256, 0, stream>>>(pieces.const_data_ptr<double>(), B, H,
+                                                         n_img, strategy, so);
     } else {
-      combine_kernel<float><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-          pieces.const_data_ptr<float>(), B, H, n_img, strategy, so);
+      combine_kernel<float><<<blocks, 256, 0, stream>>>(pieces.const_data_ptr<float>(), B, H,
+                                                        n_img, strategy, so);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

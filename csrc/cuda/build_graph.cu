@@ -273,9 +273,7 @@ size_t rows_smem(int rows, int64_t n) {
 }
 
 unsigned grid_for(int64_t items, int64_t per_block) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  TORCH_CHECK(blocks <= 0x7FFFFFFF, OP ": input too large for one launch");
-  return static_cast<unsigned>(blocks);
+  return cuda::grid_blocks(items, per_block, OP);
 }
 
 std::tuple<at::Tensor, at::Tensor> build_graph_cuda(const at::Tensor& tokens, int64_t height,

@@ -83,6 +83,13 @@ void allow_dynamic_shared(Kernel kernel, size_t bytes, int device, const char* o
                                       static_cast<int>(bytes)));
 }
 
+// Blocks for `items` work items at `per_block` a block, checked against the grid limit.
+inline unsigned grid_blocks(int64_t items, int64_t per_block, const char* op) {
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  TORCH_CHECK(blocks <= 0x7FFFFFFF, op, ": input too large for one launch (", items, " items)");
+  return static_cast<unsigned>(blocks);
+}
+
 // Calls fn(T{}) with T the CUDA element type of `dtype` (float, double, __half,
 // __nv_bfloat16); c10::Half / c10::BFloat16 have the same bits, so data pointers are
 // reinterpreted.

@@ -80,9 +80,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& score, i
 
   // Any strides: the kernel reads score[b * s0 + i * s1].
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = (B + kWarps - 1) / kWarps;
-  TORCH_CHECK(blocks <= 0x7FFFFFFF, OP ": batch too large for one launch");
-  select_tokens_kernel<<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(
+  select_tokens_kernel<<<cuda::grid_blocks(B, kWarps, OP), 32 * kWarps, 0, stream>>>(
       score.const_data_ptr<float>(), score.stride(0), score.stride(1), B, n, P,
       keep.mutable_data_ptr<int64_t>(), prop.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
