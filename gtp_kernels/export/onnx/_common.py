@@ -39,6 +39,11 @@ def ints(*values: int) -> object:
     return const(list(values), INT64)
 
 
+def zeros(shape, dtype) -> object:
+    """A zero tensor of a run-time shape (e.g. (B, 0) outputs)."""
+    return op.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, dtype=dtype.numpy())))
+
+
 def compute_dtype(dtype) -> ir.DataType:
     """The dtype the ops compute in: float64 for float64 inputs, float32 for the rest (float32,
     float16, bfloat16), as the reference and the kernels do."""

@@ -29,6 +29,7 @@ from gtp_kernels.export.onnx._common import (
     nan_max,
     op,
     topk,
+    zeros,
 )
 from gtp_kernels.reference.attention import num_masked
 
@@ -82,7 +83,7 @@ def importance_score(attn, dtype, n_tok: int, num_prefix: int, score: str):
     """(B, H, N, N) probabilities -> (B, N - M) float32 (SPEC 3; see the reference's
     importance_score for each strategy). "none" gives (B, 0)."""
     if score == "none":
-        return op.ConstantOfShape(batch_shape(attn, 0), value=const([0.0], FLOAT))
+        return zeros(batch_shape(attn, 0), FLOAT)
     m = num_prefix
     image = np.arange(m, n_tok)
     flat = op.Reshape(attn, ints(0, 0, n_tok * n_tok))

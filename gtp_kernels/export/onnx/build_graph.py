@@ -32,6 +32,7 @@ from gtp_kernels.export.onnx._common import (
     is_finite,
     op,
     topk,
+    zeros,
 )
 from gtp_kernels.reference.build_graph import graph_width, spatial_adjacency
 
@@ -86,8 +87,8 @@ def build_graph(tokens, height: int, width: int, num_neighbours: int, graph: str
     w_slots = graph_width(graph, num_neighbours)
     if w_slots == 0:  # a semantic graph with K = 0 has no slots
         return (
-            op.ConstantOfShape(batch_shape(tokens, n, 0), value=const([0], INT32)),
-            op.ConstantOfShape(batch_shape(tokens, n, 0), value=const([0.0], FLOAT)),
+            zeros(batch_shape(tokens, n, 0), INT32),
+            zeros(batch_shape(tokens, n, 0), FLOAT),
         )
     adj = None
     if graph in ("spatial", "mixed"):

@@ -42,6 +42,7 @@ from gtp_kernels.export.onnx._common import (
     is_finite,
     op,
     topk,
+    zeros,
 )
 
 
@@ -125,7 +126,7 @@ def propagate(x, index, weight, keep, alpha: float, num_prefix: int, sizes):
     if sizes is not None:
         sizes_out = op.Squeeze(summarise(op.Unsqueeze(sizes, ints(-1)), FLOAT), ints(-1))
     else:
-        sizes_out = op.ConstantOfShape(ints(0), value=const([0.0], FLOAT))
+        sizes_out = zeros(ints(0), FLOAT)
 
     if width == 0:
         return x_out, sizes_out, op.Cast(rows_index, to=INT32), rows_weight

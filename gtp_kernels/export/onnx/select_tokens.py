@@ -24,6 +24,7 @@ from gtp_kernels.export.onnx._common import (
     op,
     sort_ascending,
     topk,
+    zeros,
 )
 
 
@@ -41,7 +42,7 @@ def select_tokens(score, num_prop: int):
     p = int(num_prop)
     if p == 0:  # everything is kept
         keep = op.Expand(const(np.arange(n)[None], INT64), batch_shape(score, n))
-        prop = op.ConstantOfShape(batch_shape(score, 0), value=const([0], INT64))
+        prop = zeros(batch_shape(score, 0), INT64)
         return keep, prop
     key = rank_key(score)
     _, keep = topk(key, n - p, largest=True, sorted_=False)
