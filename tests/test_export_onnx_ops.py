@@ -16,7 +16,7 @@ from gtp_kernels._extension import extension_available
 from gtp_kernels.reference.build_graph import ell_from_adjacency
 
 pytest.importorskip("onnxruntime")
-from onnx_helpers import Fn, onnx_run, run, session  # noqa: E402
+from export_helpers import Fn, onnx_run, run, session  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not extension_available(), reason="torch.ops.gtp.* needs gtp_kernels._C (build it)"
