@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+import onnxscript
 from onnxscript import opset20 as op
+from torch.onnx._internal.exporter import _building, _core
 
 OPSET = 20  # the default of torch.onnx.export in torch 2.14; every operator used here is in it
 
@@ -95,3 +97,25 @@ def sort_ascending(idx, k: int):
     """The k entries of an int64 tensor (..., k) sorted ascending (TopK on the values)."""
     values, _ = topk(idx, k, largest=False)
     return values
+
+
+def if_else(cond, then_fn, else_fn):
+    """ONNX If: the value of then_fn() where the scalar bool `cond` holds, else of else_fn().
+    Only the branch taken runs, so a rare case (non-finite values) can have an exact but slow
+    path without slowing down the common one. Each branch is recorded into its own subgraph
+    (reading outer values is allowed in ONNX), with the recorder torch's exporter uses for
+    the main graph (a private class of torch 2.14's exporter, the only way to record a
+    subgraph from a custom translation)."""
+
+    def record(fn, name):
+        sub = _building.OpRecorder(_core.current_tracer.opset, {})  # own constants
+        with onnxscript.evaluator.default_as(sub):
+            out = fn()
+        return ir.Graph((), [out], nodes=sub.nodes, name=name)
+
+    return op.If(cond, then_branch=record(then_fn, "then"), else_branch=record(else_fn, "else"))
+
+
+def any_value(x, predicate) -> object:
+    """Scalar bool: predicate (an elementwise op returning bool) holds anywhere in x."""
+    return op.Cast(op.ReduceMax(op.Cast(predicate(x), to=INT32), keepdims=0), to=BOOL)

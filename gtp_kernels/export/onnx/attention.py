@@ -20,11 +20,11 @@ from gtp_kernels.export.onnx._common import (
     FLOAT,
     INF,
     INT64,
-    NAN,
     batch_shape,
     cast,
     compute_dtype,
     const,
+    if_else,
     ints,
     nan_max,
     op,
@@ -64,18 +64,33 @@ def kth_smallest(key, kk: int, total: int):
 
 
 def sparsify(attn, dtype, n_tok: int, sparsity: float):
-    """(B, H, N, N) probabilities -> the same with every entry below the threshold set to 0."""
+    """(B, H, N, N) probabilities -> the same with every entry below the threshold set to 0.
+
+    Cost matters here (it runs on B * H * N^2 values per block), and ONNX Runtime's Where and
+    bool casts are an order of magnitude slower than its arithmetic (measured in
+    benchmarks/NOTES.md), so the mask is arithmetic: for probabilities x and tau in [0, 1],
+    ceil(relu(tau - x)) is 1 exactly when x < tau (the sign of a float difference is exact),
+    and x * (1 - that) zeroes those entries (NaN entries stay NaN).
+    """
     kk = num_masked(n_tok, sparsity)
     if kk <= 0 or n_tok == 0:
         return attn
     total = n_tok * n_tok
     flat = op.Reshape(attn, ints(0, 0, total))
-    # NaN -> +inf for the ranking (probabilities are <= 1, so +inf never occurs otherwise);
-    # a +inf order statistic therefore means a NaN tau, which zeroes nothing.
-    key = op.Where(op.IsNaN(flat), const(INF, dtype), flat)
-    tau = kth_smallest(key, kk, total)
-    tau = op.Where(op.IsInf(tau), const(NAN, dtype), tau)
-    flat = op.Where(op.Less(flat, tau), const(0.0, dtype), flat)
+    # NaN ranks above every probability: give NaN entries the key +inf (probabilities are
+    # <= 1, so +inf occurs no other way). Softmax makes NaN only from non-finite inputs, so
+    # that pass runs only when the maps hold a NaN (their sum is NaN).
+    has_nan = op.IsNaN(op.ReduceSum(flat, keepdims=0))
+    key = if_else(
+        has_nan,
+        lambda: op.Where(op.IsNaN(flat), const(INF, dtype), flat),
+        lambda: op.Identity(flat),
+    )
+    tau = kth_smallest(key, kk, total)  # (B, H, 1)
+    # A +inf order statistic means tau is NaN: nothing is zeroed, as with tau = 0.
+    tau = op.Where(op.IsInf(tau), const(0.0, dtype), tau)
+    below = op.Ceil(op.Relu(op.Sub(tau, flat)))  # 1 where flat < tau, else 0
+    flat = op.Mul(flat, op.Sub(const(1.0, dtype), below))
     return op.Reshape(flat, ints(0, 0, n_tok, n_tok))
 
 

@@ -33,17 +33,24 @@ from gtp_kernels.export.onnx._common import (
     INT64,
     NAN,
     any_over,
+    any_value,
     batch_shape,
     cast,
     compute_dtype,
     const,
     gather_rows,
+    if_else,
     ints,
     is_finite,
     op,
     topk,
     zeros,
 )
+
+
+def is_finite_not(x):
+    """Elementwise bool: x is NaN or +-Inf."""
+    return op.Or(op.IsNaN(x), op.IsInf(x))
 
 
 def _absorbed(xp, coef, hit, dtype):
@@ -104,20 +111,40 @@ def propagate(x, index, weight, keep, alpha: float, num_prefix: int, sizes):
         gets = any_over(absorbs, 2, keepdims=1)  # (B, R, 1): the row absorbs something
 
     def summarise(t, dtype):
-        # t: (B, N, C) in `dtype` -> (B, M + R, C).
-        head = op.Slice(t, ints(0), ints(m), ints(1))
+        # t: (B, N, C) in `dtype` -> (B, M + R, C): the prefix rows and the kept rows, one
+        # gather, then what the kept rows absorb.
+        rows = op.Concat(
+            op.Expand(const(np.arange(m)[None], INT64), batch_shape(keep, m)),
+            op.Add(keep, const(m, INT64)),
+            axis=1,
+        )
+        out = gather_rows(t, rows)
+        if not mixing:
+            return out
         img = op.Slice(t, ints(m), ints(big_n), ints(1))
-        out = gather_rows(img, keep)
-        if mixing:
-            zero = const(0.0, dtype)
-            w = rows_weight if dtype == FLOAT else op.Cast(rows_weight, to=dtype)
-            w = op.Unsqueeze(w, ints(-1))
-            coef = op.ReduceSum(op.Where(hits, w, zero), ints(2), keepdims=0)  # (B, R, P)
-            hit = op.ReduceMax(op.Cast(hits, to=dtype), ints(2), keepdims=0)
-            acc = _absorbed(gather_rows(img, prop), coef, hit, dtype)
-            mixed = op.Add(out, op.Mul(const(alpha, dtype), acc))
-            out = op.Where(gets, mixed, out)
-        return op.Concat(head, out, axis=1)
+        xp = gather_rows(img, prop)  # (B, P, C), the propagated tokens
+        hit = op.Cast(hits, to=dtype)
+        w = rows_weight if dtype == FLOAT else op.Cast(rows_weight, to=dtype)
+        coef = op.ReduceSum(op.Mul(hit, op.Unsqueeze(w, ints(-1))), ints(2), keepdims=0)
+        hit = op.ReduceMax(hit, ints(2), keepdims=0)  # (B, R, P) 0/1
+
+        def finite():
+            # out - (-alpha coef) @ xp: rows that absorb nothing have an all-zero coefficient
+            # row, whose product is +0 (the MatMul accumulates from +0), and x - (+0) is x
+            # bit for bit (-0.0 included): no Where needed to copy them unchanged.
+            neg = op.Concat(zeros(batch_shape(keep, m, num_prop), dtype), coef, axis=1)
+            neg = op.Mul(neg, const(-alpha, dtype))
+            return op.Sub(out, op.MatMul(neg, xp))
+
+        def non_finite():
+            # Exact IEEE results for NaN / Inf tokens (see _absorbed), rows that absorb
+            # nothing copied with a Where.
+            acc = _absorbed(xp, coef, hit, dtype)
+            mixed = op.Add(gather_rows(img, keep), op.Mul(const(alpha, dtype), acc))
+            kept = op.Where(gets, mixed, gather_rows(img, keep))
+            return op.Concat(op.Slice(t, ints(0), ints(m), ints(1)), kept, axis=1)
+
+        return if_else(op.Not(any_value(xp, is_finite_not)), finite, non_finite)
 
     dtype = compute_dtype(x.dtype)
     x_out = summarise(cast(x, dtype), dtype)
