@@ -278,3 +278,29 @@ def test_propagate_non_finite():
     x[1, 1 + keep[1, 0], 0] = NAN  # a kept token's own NaN stays in its row only
     sizes[0, 1 + gone[2]] = INF
     check_propagate(x, index, weight, keep, 0.1, 1, sizes)
+
+
+def test_propagate_rows_absorbing_nothing_are_copied_bit_for_bit():
+    """No x + alpha * 0: a -0.0 in a kept row that absorbs nothing stays -0.0 (fast path)."""
+    x, index, weight, keep, sizes = propagate_case(b=2, p=4)
+    x[:, :, :4] = -0.0
+    got = onnx_run(
+        lambda x, i, w, k: gtp.propagate(x, i, w, k, 0.1, 1, None), x, index, weight, keep
+    )[0]
+    _, absorbs_rows = _absorbing(index, keep, 25)
+    for b in range(2):
+        for r in range(keep.shape[1]):
+            row = got[b, 1 + r, :4]
+            if not absorbs_rows[b, r]:
+                assert torch.signbit(row).all(), (b, r, row)
+    assert torch.signbit(got[:, 0, :4]).all()  # the prefix row is copied
+
+
+def _absorbing(index, keep, n):
+    """(B, R) bool: kept row r has a neighbour that is propagated."""
+    b = keep.shape[0]
+    kept = torch.zeros(b, n, dtype=torch.bool).scatter_(1, keep, True)
+    rows = index.long().gather(1, keep[:, :, None].expand(-1, -1, index.shape[2]))
+    valid = rows >= 0
+    gone = ~kept.gather(1, rows.clamp(min=0).flatten(1)).view_as(rows)
+    return None, (valid & gone).any(-1)

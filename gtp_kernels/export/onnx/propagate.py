@@ -129,12 +129,14 @@ def propagate(x, index, weight, keep, alpha: float, num_prefix: int, sizes):
         hit = op.ReduceMax(hit, ints(2), keepdims=0)  # (B, R, P) 0/1
 
         def finite():
-            # out - (-alpha coef) @ xp: rows that absorb nothing have an all-zero coefficient
-            # row, whose product is +0 (the MatMul accumulates from +0), and x - (+0) is x
-            # bit for bit (-0.0 included): no Where needed to copy them unchanged.
-            neg = op.Concat(zeros(batch_shape(keep, m, num_prop), dtype), coef, axis=1)
-            neg = op.Mul(neg, const(-alpha, dtype))
-            return op.Sub(out, op.MatMul(neg, xp))
+            # out - (alpha coef) @ (-xp): a row that absorbs nothing has an all-zero
+            # coefficient row, whose product is +0 (the MatMul accumulates from +0, and ONNX
+            # Runtime folds the positive scalar alpha into it), and x - (+0) is x bit for bit
+            # (-0.0 included), so no Where is needed to copy such rows unchanged. The sign sits
+            # on xp, not on a scalar, so no fusion can turn that +0 into -0 (tested).
+            scaled = op.Concat(zeros(batch_shape(keep, m, num_prop), dtype), coef, axis=1)
+            scaled = op.Mul(scaled, const(abs(alpha), dtype))
+            return op.Sub(out, op.MatMul(scaled, op.Neg(xp) if alpha > 0 else xp))
 
         def non_finite():
             # Exact IEEE results for NaN / Inf tokens (see _absorbed), rows that absorb
