@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then: lint, build the standalone CMake library and run its ctest smoke test, and
-# run the Python test suite. GTP_SKIP_CMAKE=1 skips the CMake step.
+# run the Python test suite. GTP_SKIP_CMAKE=1 skips the CMake step. The CMake build also makes
+# the AOTInductor C++ runner build/cmake/gtp_aoti_run, which tests/test_export_aoti.py runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
