@@ -213,12 +213,7 @@ def test_properties(backend, graph):
 
 
 # ---------------------------------------------------------------- bad inputs
-
-
-def _one_bad(value):
-    x = torch.randn(2, 50, 4)
-    x[1, 17, 2] = value
-    return x
+# (NaN / Inf token values are not bad inputs: tests/test_nonfinite.py)
 
 
 BAD = [
@@ -229,9 +224,6 @@ BAD = [
     (lambda: (torch.randn(1, 9, 4), 3, 3, -1, "mixed"), "num_neighbours must be in"),
     (lambda: (torch.randn(1, 9, 4), 3, 3, 9, "semantic"), "num_neighbours must be in"),
     (lambda: (torch.randn(1, 9, 4), 3, 3, 1, "knn"), "graph must be"),
-    (lambda: (torch.full((1, 9, 4), float("nan")), 3, 3, 1, "mixed"), "tokens contains NaN"),
-    (lambda: (_one_bad(float("nan")), 5, 10, 40, "semantic"), "tokens contains NaN"),  # large K
-    (lambda: (_one_bad(float("inf")), 5, 10, 3, "mixed"), "tokens contains NaN or Inf"),
 ]
 
 

@@ -93,6 +93,18 @@ GTP_HOST_DEVICE inline int merge_union(const int32_t* a, int na, const int32_t* 
   return n;
 }
 
+// Before normalising, a token is scaled by 2^-ex, where ex is the frexp exponent of its max |x|
+// (max |x| = f * 2^ex, f in [0.5, 1)), so that its largest entry lies in [0.5, 1) and neither
+// the sum of squares nor the norm can overflow or underflow. The factor is applied as two
+// powers of two 2^e1 * 2^e2 (e1 + e2 = -ex), each representable in float32 and float64:
+// ex > 0: (0, -ex), one scaling down, a single rounding (only of entries that end up
+// subnormal); ex <= 0: -ex split in halves, both scalings up, exact. The result is x * 2^-ex
+// correctly rounded, whichever precision computes it, so every backend gets the same bits.
+GTP_HOST_DEVICE inline void pow2_split(int ex, int* e1, int* e2) {
+  *e1 = ex > 0 ? 0 : (-ex) / 2;
+  *e2 = -ex - *e1;
+}
+
 // W[i, j] = 1 / sqrt(d_i d_j) in float64, rounded once to float32 (the reference does the same,
 // so the weights agree bit for bit).
 GTP_HOST_DEVICE inline float edge_weight(int32_t di, int32_t dj) {

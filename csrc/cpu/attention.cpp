@@ -3,8 +3,8 @@
 //
 // One thread owns one (b, h) tile at a time and keeps it in a thread-local N x N buffer
 // (allocated once per call per thread; 152 KiB for N = 197, in L2):
-//   S = scale * Q K^T                  BLAS gemm straight on q/k's strides (timm's qkv views)
-//   row softmax of S + log_sizes       branch-free polynomial exp, vectorised by the compiler
+//   S = Q K^T                          BLAS gemm straight on q/k's strides (timm's qkv views)
+//   row softmax of scale * S + ls      branch-free polynomial exp, vectorised by the compiler
 //   tau = kk-th smallest of S          radix select on the float bits, run on a window of
 //                                      buckets bracketed by a 1-in-8 sample (exact)
 //   S[S < tau] = 0, column sums        one pass; diagonal and row 0 read from the tile
@@ -313,28 +313,40 @@ float select_kth(const float* x, int64_t count, int64_t kk, uint32_t* hist, uint
   return radix_select(x, count, kk, hist, cand);
 }
 
+// The kk-th smallest under -inf < finite < +inf < NaN (plain `<` is no strict weak order once a
+// NaN is present, and nth_element would then return anything).
 template <typename T>
 T nth_select(const T* x, int64_t count, int64_t kk, T* copy) {
   std::copy(x, x + count, copy);
-  std::nth_element(copy, copy + (kk - 1), copy + count);
+  std::nth_element(copy, copy + (kk - 1), copy + count, attention::less_nan_last<T>);
   return copy[kk - 1];
 }
 
-// Row softmax of S (n x n) + log_sizes[j], in place. `omp simd` lets the compiler vectorise
-// the max and sum reductions (it may reassociate them; the sum is then a tree over lanes).
-inline void softmax_rows(float* S, int64_t n, const float* ls) {
+// Row softmax of scale * S (n x n) + log_sizes[j], in place, S = Q K^T. The scale is applied
+// here, after the GEMM, as the reference does (scale * (q @ k^T)): folding it into the GEMM's
+// alpha lets BLAS pre-scale an operand, which costs exactness on integer-valued q / k (up to
+// ~8x the reference's error against float64 at large logits, measured) and turns
+// scale = 0 with an infinite q or k into 0 instead of the reference's 0 * inf = NaN. Here it
+// is one multiply in a pass that runs anyway. `omp simd` lets the compiler vectorise the max
+// and sum reductions (it may reassociate them; the sum is then a tree over lanes). A row with
+// NaN or +inf logits, or only -inf ones, becomes NaN (exp_nonpositive(NaN) is NaN), as in
+// torch.softmax.
+inline void softmax_rows(float* S, int64_t n, float scale, const float* ls) {
   for (int64_t i = 0; i < n; ++i) {
     float* row = S + i * n;
     float m = -std::numeric_limits<float>::infinity();
     if (ls != nullptr) {
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) {
-        row[j] += ls[j];
+        row[j] = row[j] * scale + ls[j];
         m = row[j] > m ? row[j] : m;  // (std::max defeats the simd reduction)
       }
     } else {
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] *= scale;
+        m = row[j] > m ? row[j] : m;
+      }
     }
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -349,11 +361,12 @@ inline void softmax_rows(float* S, int64_t n, const float* ls) {
   }
 }
 
-inline void softmax_rows(double* S, int64_t n, const float* ls) {
+inline void softmax_rows(double* S, int64_t n, double scale, const float* ls) {
   for (int64_t i = 0; i < n; ++i) {
     double* row = S + i * n;
     double m = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < n; ++j) {
+      row[j] *= scale;
       if (ls != nullptr) row[j] += static_cast<double>(ls[j]);
       m = std::max(m, row[j]);
     }
@@ -415,7 +428,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   T* piece_ptr = strategy.kind == ScoreKind::kNone ? nullptr : pieces.mutable_data_ptr<T>();
   const int64_t piece_stride = B * H * n_img;  // pieces: (2, B, H, n): [first, second]
-  const T alpha = static_cast<T>(scale);
+  const T tscale = static_cast<T>(scale);
 
   std::vector<double> thread_secs(profile.on ? kNumPhases * at::get_num_threads() : 0, 0.0);
 
@@ -476,12 +489,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
       T* s = S.get();
       if (d > 0) {
-        gemm_rowmajor<T>(true, N, N, d, alpha, Q, ldq, K, ldk, s, N, use_blas);
+        gemm_rowmajor<T>(true, N, N, d, T(1), Q, ldq, K, ldk, s, N, use_blas);
       } else {
         std::fill(s, s + NN, T(0));
       }
       tick(kQK);
-      softmax_rows(s, N, ls_ptr == nullptr ? nullptr : ls_ptr + b * N);
+      softmax_rows(s, N, tscale, ls_ptr == nullptr ? nullptr : ls_ptr + b * N);
       tick(kSoftmax);
 
       if (kk > 0) {

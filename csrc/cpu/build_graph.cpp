@@ -9,6 +9,11 @@
 // Columns arrive in ascending order, so a candidate that only ties the current K-th best
 // loses (the lower index wins) with a plain `>`. A second pass turns out-degrees into
 // weights 1 / sqrt(d_i d_j), which needs every row of the image done.
+//
+// Non-finite tokens raise nothing (no check, no sync on a GPU): a token holding NaN or Inf has
+// NaN similarity to every other token, NaN ranks as the most similar (ties to the lower
+// index), and its own row's K neighbours are the K lowest other indices. Degrees, hence
+// weights, stay finite.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,10 +24,12 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -48,7 +55,7 @@ float group_max_bound(const float* v, int64_t c, int64_t k) {
   std::fill(m, m + G, kNegInf);
   int64_t t = 0;
   for (; t + G <= c; t += G) {
-    for (int l = 0; l < G; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];  // no NaN kept
+    for (int l = 0; l < G; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];  // tiles hold no NaN
   }
   for (int l = 0; t + l < c; ++l) m[l] = v[t + l] > m[l] ? v[t + l] : m[l];
   // The K-th largest with multiplicity is the largest m[a] with at least K entries >= it.
@@ -120,30 +127,107 @@ GraphType parse_graph(std::string_view graph) {
                     "'");
 }
 
-// One token, L2-normalised in float32 as the reference does: x / max(||x||, 1e-12). The sum
-// of squares runs in float64 (no overflow) over 8 independent lanes so that it vectorises.
-// Returns false when the token holds a NaN or an infinity.
+// One token, L2-normalised in float32 as the reference does: u / max(||u||, 1e-12) of the exact
+// power-of-two scaling u = x * 2^-ex of build_graph::pow2_split (max |u| in [0.5, 1)), so that
+// no finite token overflows or underflows (float32 near 1e30, float64 beyond float32's range,
+// subnormal tokens); for tokens in float32's normal range the scaling changes no bit of the
+// result, and the clamp only acts on a zero token, which stays 0. Returns false, with e
+// unspecified, when the token holds a NaN or an infinity: its similarities are then NaN.
+//
+// Float32 / float16 / bfloat16 tokens (float values): three vectorised passes, as without the
+// scaling: convert + max |x|; the sum of squares of x in float64 over 8 independent lanes (no
+// float value overflows or underflows there), times 2^-2ex (exact) for that of u; scale +
+// divide. Float64 tokens are scaled in float64 before their one rounding to float32.
+// frexp's exponent of a finite float m > 0 and the floats / doubles 2^k, from the bits: the libm
+// calls cost as much as a pass over a token (one token takes three).
+inline int frexp_exponent(float m) {
+  const uint32_t bits = std::bit_cast<uint32_t>(m);
+  const int biased = static_cast<int>(bits >> 23);
+  return biased != 0 ? biased - 126 : -117 - __builtin_clz(bits);  // subnormal: from the top bit
+}
+
+inline float pow2f(int k) {  // k in [-149, 127]
+  return k >= -126 ? std::bit_cast<float>(static_cast<uint32_t>(k + 127) << 23)
+                   : std::bit_cast<float>(uint32_t{1} << (k + 149));
+}
+
+inline double pow2d(int k) {  // k in [-1022, 1023]
+  return std::bit_cast<double>(static_cast<uint64_t>(k + 1023) << 52);
+}
+
 template <typename scalar_t>
 bool normalise_row(const scalar_t* x, int64_t stride_c, int64_t C, float* e) {
-  if (stride_c == 1) {
-    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<float>(x[c]);
-  } else {
-    for (int64_t c = 0; c < C; ++c) e[c] = static_cast<float>(x[c * stride_c]);
-  }
   constexpr int kLanes = 8;
   double acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
-  }
-  for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
+  auto sum_lanes = [&acc] {
+    double sumsq = 0.0;
+    for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
+    return sumsq;
+  };
+  int ex = 0, e1 = 0, e2 = 0;
   double sumsq = 0.0;
-  for (int l = 0; l < kLanes; ++l) sumsq += acc[l];
-  if (!std::isfinite(sumsq)) return false;
+  float s1 = 1.0f, s2 = 1.0f;  // the float path's scale, applied in the divide pass
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    double mx = 0.0;
+#pragma omp simd reduction(max : mx)
+    for (int64_t c = 0; c < C; ++c) {
+      const double a = std::fabs(x[c * stride_c]);
+      mx = a > mx ? a : mx;  // skips NaN: the sum of squares below catches it
+    }
+    if (!(mx <= std::numeric_limits<double>::max())) return false;  // an infinity
+    if (mx > 0.0) std::frexp(mx, &ex);
+    build_graph::pow2_split(ex, &e1, &e2);
+    const double d1 = std::ldexp(1.0, e1), d2 = std::ldexp(1.0, e2);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float u = static_cast<float>(x[(c + l) * stride_c] * d1 * d2);
+        e[c + l] = u;
+        acc[l] += static_cast<double>(u) * u;
+      }
+    }
+    for (; c < C; ++c) {
+      const float u = static_cast<float>(x[c * stride_c] * d1 * d2);
+      e[c] = u;
+      acc[0] += static_cast<double>(u) * u;
+    }
+    sumsq = sum_lanes();
+  } else {
+    float mx = 0.0f;
+    if (stride_c == 1) {
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < C; ++c) {
+        e[c] = static_cast<float>(x[c]);
+        const float a = std::fabs(e[c]);
+        mx = a > mx ? a : mx;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        e[c] = static_cast<float>(x[c * stride_c]);
+        const float a = std::fabs(e[c]);
+        mx = a > mx ? a : mx;
+      }
+    }
+    if (!(mx <= std::numeric_limits<float>::max())) return false;  // an infinity
+    if (mx > 0.0f) ex = frexp_exponent(mx);
+    build_graph::pow2_split(ex, &e1, &e2);
+    s1 = pow2f(e1);
+    s2 = pow2f(e2);
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(e[c + l]) * e[c + l];
+    }
+    for (; c < C; ++c) acc[0] += static_cast<double>(e[c]) * e[c];
+    // ||u||^2 = 2^-2ex ||x||^2 exactly (float64 holds every float's square); the squares of
+    // the entries of u that round (subnormal ones) are far below an ulp of the sum.
+    sumsq = sum_lanes() * pow2d(-2 * ex);
+  }
+  if (sumsq != sumsq) return false;  // a NaN
   // Divide, as the reference does: x * (1 / ||x||) is cheaper but off by an ulp, which breaks
   // exact ties such as C = 1 tokens (x / |x| = +-1 exactly, x * (1 / |x|) not always).
   const float denom = std::max(static_cast<float>(std::sqrt(sumsq)), 1e-12f);
-  for (c = 0; c < C; ++c) e[c] /= denom;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) e[c] = (e[c] * s1 * s2) / denom;
   return true;
 }
 
@@ -187,8 +271,7 @@ void choose_tiles(int64_t batch, int64_t n, int64_t* rb, int64_t* cb) {
 
 template <typename scalar_t>
 void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int64_t k,
-                   GraphType g, int32_t* index, int32_t* deg, int64_t slots,
-                   std::atomic<bool>& bad_value) {
+                   GraphType g, int32_t* index, int32_t* deg, int64_t slots) {
   const int64_t B = tokens.size(0), n = tokens.size(1), C = tokens.size(2);
   const int64_t sb = tokens.stride(0), sn = tokens.stride(1), sc = tokens.stride(2);
   const scalar_t* x = tokens.const_data_ptr<scalar_t>();
@@ -206,21 +289,23 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
     std::vector<int32_t> best_j(rb * k);
     std::vector<int32_t> cand_buf(cb);
     std::vector<std::pair<float, int32_t>> pairs(k > kInsertMaxK ? k + cb : 0);
+    std::vector<char> bad(n);  // token holds NaN / Inf
     int32_t* cand = cand_buf.data();
     int64_t cur = -1;
-    bool cur_ok = true;
+    bool cur_bad = false;  // the image has such a token
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, i0 = (task % blocks) * rb;
       const int64_t r = std::min(rb, n - i0);
       if (b != cur) {  // consecutive tasks of one thread mostly share the image
-        cur_ok = true;
+        cur_bad = false;
         for (int64_t i = 0; i < n; ++i) {
-          cur_ok &= normalise_row(x + b * sb + i * sn, sc, C, ep + i * C);
+          float* ei = ep + i * C;
+          bad[i] = !normalise_row(x + b * sb + i * sn, sc, C, ei);
+          if (bad[i]) std::fill(ei, ei + C, 0.0f);  // its similarities are set below
+          cur_bad |= bad[i] != 0;
         }
-        if (!cur_ok) bad_value = true;
         cur = b;
       }
-      if (!cur_ok) continue;  // NaN/Inf: the caller raises; NaN would break the orderings
       // Unfilled slots hold -inf: every finite similarity beats them, so the first K
       // candidates fill the list through the same insertion as the rest.
       std::fill(best_s.begin(), best_s.end(), kNegInf);
@@ -232,6 +317,18 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
         for (int64_t q = 0; q < r; ++q) {
           const int64_t i = i0 + q;
           float* srow = tp + q * c;
+          if (cur_bad) {
+            // A token with NaN / Inf has NaN similarity to every token, and NaN ranks as the
+            // most similar: +inf here (finite unit vectors give |s| <= ~1, never +inf), so
+            // the orderings below need no NaN case and ties still go to the lower index.
+            // Set explicitly rather than left to the GEMM's NaN propagation.
+            constexpr float kInf = std::numeric_limits<float>::infinity();
+            if (bad[i]) {
+              std::fill(srow, srow + c, kInf);
+            } else {
+              for (int64_t t = 0; t < c; ++t) srow[t] = bad[j0 + t] ? kInf : srow[t];
+            }
+          }
           if (i >= j0 && i < j0 + c) srow[i - j0] = kNegInf;  // never its own neighbour
           float* bs = best_s.data() + q * k;
           int32_t* bj = best_j.data() + q * k;
@@ -297,11 +394,9 @@ std::tuple<at::Tensor, at::Tensor> build_graph_cpu(const at::Tensor& tokens, int
       }
     });
   } else {
-    std::atomic<bool> bad_value{false};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), OP, [&] {
-      semantic_rows<scalar_t>(tokens, height, width, k, g, idx, deg, slots, bad_value);
+      semantic_rows<scalar_t>(tokens, height, width, k, g, idx, deg, slots);
     });
-    TORCH_CHECK_VALUE(!bad_value.load(), OP ": tokens contains NaN or Inf");
   }
 
   float* w = weight.data_ptr<float>();

@@ -303,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propagate_cpu(
   GTP_CHECK_SAME_DEVICE(OP, x, "x", keep, "keep");
   if (sizes.has_value()) GTP_CHECK_SAME_DEVICE(OP, x, "x", (*sizes), "sizes");
   GTP_CHECK_DEVICE_TYPE(OP, x, "x", c10::DeviceType::CPU);
-  TORCH_CHECK_VALUE(!std::isnan(alpha), OP ": alpha must not be NaN");
+  TORCH_CHECK_VALUE(std::isfinite(alpha), OP ": alpha must be finite, got ", alpha);
 
   const int64_t width = index.size(2);
   const int64_t rows_out = num_prefix + kept;

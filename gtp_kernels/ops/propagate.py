@@ -108,7 +108,7 @@ def propagate(
         weight: (B, n, W) float32 edge weights.
         keep: (B, n - P) int64 distinct kept image positions, in output order (1 <= n - P when
             n >= 1); every other image token is propagated and removed.
-        alpha: propagation magnitude (0: plain pruning), not NaN.
+        alpha: propagation magnitude (0: plain pruning), finite.
         num_prefix: M, prefix tokens copied unchanged.
         sizes: optional (B, N) float32 token sizes, propagated like x.
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference".

@@ -15,7 +15,7 @@ def select_tokens(
     """Kept and propagated image tokens by importance score (SPEC 3).
 
     Args:
-        score: (B, n) float32, no NaN.
+        score: (B, n) float32; ranks -inf < finite < +inf < NaN (NaN scores are kept first).
         num_prop: P tokens propagated per row, 0 <= P <= n - 1.
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
 

@@ -18,6 +18,16 @@ scale norm, gated attention and stochastic depth are kept. `forward` and `forwar
 Not applied: attention dropout (attn.attn_drop; the gtp attention op has no dropout, and the
 pretrained ViTs use p = 0), attn_mask / is_causal (rejected), gradient checkpointing.
 forward_intermediates and other timm entry points run the unpatched blocks.
+
+NaN / Inf mid-network (e.g. a float16 overflow inside a block): the patched forward behaves as
+the unpatched model does, with no error and no device sync. The ops never check tensor values;
+NaN propagates by arithmetic, so the images it reaches get NaN logits (a NaN key makes its whole
+attention head NaN), while the other images of the batch are unaffected (every op works per
+image). Every decision stays deterministic and is the same on every backend: a NaN importance
+score ranks greatest, so those tokens are kept rather than propagated (equal scores: the lower
+position is kept), a NaN probability is never masked, and a token with NaN / Inf in the graph
+input has NaN similarity, ranked as the most similar. Settings are still checked (ValueError
+naming the setting), and so are the ops' arguments (README, "Bad inputs").
 """
 
 from __future__ import annotations

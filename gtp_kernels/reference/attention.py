@@ -8,6 +8,16 @@ which is also how the authors' code does it.
 Precision: float16 / bfloat16 inputs are computed in float32 (q, k, v are upcast first) and out
 is cast back to q's dtype; float32 inputs are computed in float32 and float64 in float64. The
 score is always returned as float32. The compiled kernel follows the same rules.
+Non-finite values (the project's one rule, the same on every backend): q, k, v and log_sizes
+are not checked (a check would need a device sync); NaN / Inf propagate by IEEE arithmetic and
+every decision made from them is deterministic:
+- a row whose logits hold NaN or +inf, or are all -inf, is NaN in the whole row (torch.softmax);
+- tau is the kk-th smallest probability under -inf < finite < +inf < NaN (torch.kthvalue), so
+  tau is NaN only when fewer than kk entries of the map are non-NaN;
+- an entry is zeroed iff `A < tau` (IEEE): NaN entries are never zeroed, a NaN tau zeroes
+  nothing;
+- the scores propagate NaN: sums and means by arithmetic, the max over heads as torch.amax does
+  (any NaN head gives NaN).
 """
 
 from __future__ import annotations

@@ -41,10 +41,6 @@ def check_build_graph_args(
             f"got height={height}, width={width}",
         )
     check_in_range(_OP, "num_neighbours", num_neighbours, 0, n - 1, "[0, n - 1]")
-    # Only the semantic graph reads token values; NaN/Inf would make its ranking meaningless.
-    uses_values = graph != "spatial" and num_neighbours > 0
-    if uses_values and tokens.numel() > 0 and not torch.isfinite(tokens).all():
-        fail(_OP, "tokens contains NaN or Inf")
 
 
 def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:
@@ -55,17 +51,47 @@ def spatial_adjacency(height: int, width: int, device=None) -> torch.Tensor:
     return near & (t[:, None] != t[None, :])
 
 
+def normalised_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, n, C) any floating dtype -> (B, n, C) float32 unit rows E^ (zero rows stay 0).
+
+    Overflow-free for every finite token: first u = x * 2^-E with max_c |u_c| in [0.5, 1)
+    (E: the frexp exponent of max_c |x_c|), computed exactly in float64 and rounded once to
+    float32 (so float32 tokens near 1e30, float64 tokens beyond float32's range and subnormal
+    tokens normalise correctly); then u / max(||u||, 1e-12) in float32 (the clamp only acts on
+    a zero token, which stays 0). For tokens in float32's normal range the power-of-two scaling
+    changes no bit, so this is x / ||x||. 2^-E is applied as two factors 2^e1 * 2^e2, each in
+    range (E > 0: e1 = 0; else -E split in halves), as csrc/common/build_graph.h's pow2_split.
+    Rows of tokens holding NaN or Inf are NaN.
+    """
+    xd = tokens.double()
+    if xd.shape[-1] == 0:
+        return tokens.float()
+    peak = xd.abs().amax(dim=-1, keepdim=True)  # NaN / inf for a non-finite token
+    finite = torch.isfinite(peak)
+    _, ex = torch.frexp(torch.where(finite & (peak > 0), peak, 1.0))  # peak = f * 2^ex
+    e1 = torch.where(ex > 0, 0, torch.div(-ex, 2, rounding_mode="floor"))
+    one = torch.ones_like(peak)
+    u = (xd * torch.ldexp(one, e1) * torch.ldexp(one, -ex - e1)).float()
+    u = torch.where(finite, u, float("nan"))
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def semantic_adjacency(tokens: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     """(B, n, n) bool: row i marks its K most cosine-similar tokens j != i (ties: lower j).
 
-    Float32 math: x / max(||x||, 1e-12), then S = E E^T.
+    S = E^ E^T in float32 (normalised_tokens). A token holding NaN or Inf has NaN similarity
+    to every token (set explicitly, not left to the matmul), and NaN ranks as the most similar
+    (-inf < finite < +inf < NaN, as torch.sort orders it); its own row then links to the K
+    lowest other indices.
     """
     b, n, _ = tokens.shape
-    e = tokens.float()
-    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    e = normalised_tokens(tokens)
     sim = e @ e.transpose(1, 2)
+    bad = e.isnan().any(dim=-1)  # (B, n)
+    sim = torch.where(bad[:, :, None] | bad[:, None, :], float("nan"), sim)
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # never its own neighbour
-    # A stable descending sort keeps equal similarities in ascending j: lower j wins the tie.
+    # A stable descending sort keeps equal similarities in ascending j: lower j wins the tie
+    # (NaN first, then +inf, ..., then -inf: the rule's order).
     order = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :num_neighbours]
     adj = torch.zeros(b, n, n, dtype=torch.bool, device=tokens.device)
     adj.scatter_(-1, order, True)
@@ -101,6 +127,9 @@ def build_graph(
     Args:
         tokens: (B, n, C) float32/float16/bfloat16/float64 image tokens (no prefix tokens) on a
             height x width grid in row-major order (token t at row t // width, col t % width).
+            Any values: a token holding NaN or Inf is not rejected; it has NaN similarity to
+            every token, which ranks as the most similar (semantic_adjacency). The weights
+            depend only on degrees and stay finite.
         height, width: grid size, height * width == n.
         num_neighbours: K, semantic neighbours per token, 0 <= K <= n - 1.
         graph: "spatial" (8-neighbourhood), "semantic" (K most cosine-similar tokens, ties to

@@ -32,8 +32,8 @@ def check_propagate_args(
 ) -> None:
     """Same checks, same messages as the C++ kernel (the errors name the argument).
 
-    values=False skips the checks that need concrete values (index and keep entries, alpha),
-    for fake tensors and torch.compile tracing."""
+    values=False skips the checks that read tensor data (index and keep entries), for fake
+    tensors and torch.compile tracing. alpha is a host scalar: always checked, no sync."""
     check_dim(_OP, x, "x", 3)
     check_dtype(_OP, x, "x", *FLOATING)
     b, big_n, _ = x.shape
@@ -66,10 +66,10 @@ def check_propagate_args(
         if tuple(sizes.shape) != (b, big_n):
             fail(_OP, f"sizes must have shape (B, N) = ({b}, {big_n}), got {list(sizes.shape)}")
     check_same_device(_OP, x, "x", index=index, weight=weight, keep=keep, sizes=sizes)
+    if not math.isfinite(alpha):
+        fail(_OP, f"alpha must be finite, got {alpha}")
     if not values:
         return
-    if math.isnan(alpha):
-        fail(_OP, "alpha must not be NaN")
     if index.numel() > 0 and bool(((index < -1) | (index >= n)).any()):
         fail(_OP, f"index entries must be in [-1, n) = [-1, {n}), got out of range")
     if keep.numel() > 0:
@@ -103,14 +103,16 @@ def propagate(
         weight: (B, n, W) float32 edge weights (ignored at empty slots).
         keep: (B, n - P) int64 distinct image positions that survive, in output order; every
             other image token is propagated and removed. 1 <= n - P when n >= 1.
-        alpha: propagation magnitude (0: plain pruning). Not NaN.
+        alpha: propagation magnitude (0: plain pruning), finite (NaN / Inf raise ValueError).
         num_prefix: M prefix tokens, copied unchanged, 0 <= M <= N.
         sizes: optional (B, N) float32 token sizes, propagated like x.
 
     Returns:
         x_out: (B, M + n - P, C) in x's dtype: the prefix tokens, then for each r
             x[M + i] + alpha * sum over slots s of row i = keep[r] whose neighbour j is not
-            kept of weight[i, s] * x[M + j]. Computed in float32 (float64 for float64 x).
+            kept of weight[i, s] * x[M + j]. Computed in float32 (float64 for float64 x). A
+            kept row that absorbs nothing is x[M + i] copied (bit for bit). NaN / Inf values
+            in x, sizes or weight propagate by this arithmetic; nothing is rejected.
         sizes_out: (B, M + n - P) float32, the same for sizes; an empty (0,) tensor when
             sizes is None.
         index_out: (B, n - P, W) int32: row keep[r] restricted to kept neighbours, each
@@ -149,7 +151,9 @@ def propagate(
         for s in range(width):  # slot by slot: memory O(B R C), no (B, R, W, C) temporary
             contrib = rows_weight[:, :, s, None].to(t.dtype) * _gather_rows(img, nbr[:, :, s])
             acc = acc + torch.where(absorbs[:, :, s, None], contrib, 0)
-        return torch.cat([t[:, :num_prefix], out + alpha * acc], dim=1)
+        # A row that absorbs nothing is copied: no x + alpha * 0 (which turns -0.0 into +0.0).
+        gets = absorbs.any(dim=-1, keepdim=True)  # (B, R, 1)
+        return torch.cat([t[:, :num_prefix], torch.where(gets, out + alpha * acc, out)], dim=1)
 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_out = summarise(x.to(compute)).to(x.dtype)

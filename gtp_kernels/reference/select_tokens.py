@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gtp_kernels.reference._checks import check_dim, check_dtype, check_in_range, fail
+from gtp_kernels.reference._checks import check_dim, check_dtype, check_in_range
 
 _OP = "gtp.select_tokens"
 
@@ -15,15 +15,15 @@ def check_select_tokens_args(score: torch.Tensor, num_prop: int) -> None:
     check_dtype(_OP, score, "score", torch.float32)
     n = score.shape[1]
     check_in_range(_OP, "num_prop", num_prop, 0, n - 1, "[0, n - 1]")
-    if score.numel() > 0 and torch.isnan(score).any():
-        fail(_OP, "score contains NaN")
 
 
 def select_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split image tokens into kept and propagated ones by importance score.
 
     Args:
-        score: (B, n) float32 importance of each image token (no NaN; +-inf allowed).
+        score: (B, n) float32 importance of each image token. Any values: they rank
+            -inf < finite < +inf < NaN (all NaNs equal, -0.0 == +0.0), as torch.sort orders
+            them, so NaN scores are kept first; nothing is rejected (no device sync).
         num_prop: P, tokens to propagate, 0 <= P <= n - 1.
 
     Returns:
@@ -35,6 +35,7 @@ def select_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, tor
     b, n = score.shape
     # Stable ascending sort of the reversed row: equal scores come out highest position first,
     # so the P first entries are the P lowest scores with ties going to the higher position.
+    # torch.sort puts NaN after +inf and keeps NaNs in their (stable) order: the rule above.
     order = torch.sort(score.flip(-1), dim=-1, stable=True).indices
     order = (n - 1) - order
     prop = order[:, :num_prop].sort(dim=-1).values
