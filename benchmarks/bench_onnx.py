@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     methods: dict[str, str | None] = {"timm (unpatched)": None}
     for theta in args.sparsity:
         for method in args.threshold if theta < 1 else ["auto"]:
-            name = f"gtp, theta={theta:g}" + (f", {method}" if len(args.threshold) > 1 else "")
+            several = len(args.threshold) > 1 and theta < 1
+            name = f"gtp, theta={theta:g}" + (f", {method}" if several else "")
             eager[name] = models.patched_copy(base, args, theta, "cpu")
             methods[name] = method if theta < 1 else None
 

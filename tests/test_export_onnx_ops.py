@@ -13,7 +13,6 @@ from helpers import assert_close
 import gtp_kernels.ops  # noqa: F401  (registers the fake kernels torch.export needs)
 from gtp_kernels import reference
 from gtp_kernels._extension import extension_available
-from gtp_kernels.reference.build_graph import ell_from_adjacency
 
 pytest.importorskip("onnxruntime")
 from export_helpers import Fn, onnx_run, run, session  # noqa: E402
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.skipif(
 gtp = torch.ops.gtp
 NAN, INF = math.nan, math.inf
 F32 = dict(atol=1e-5, rtol=1e-5)
-
-
-def rule_select(score: torch.Tensor, p: int):
-    """The project's ranking rule written with torch.sort, as the reference does it: NaN above
-    +inf, ties keep the lower position (the reference itself rejects NaN until the non-finite
-    rule lands there)."""
-    n = score.shape[1]
-    order = (n - 1) - torch.sort(score.flip(-1), dim=-1, stable=True).indices
-    return order[:, p:].sort(dim=-1).values, order[:, :p].sort(dim=-1).values
 
 
 # --- select_tokens -----------------------------------------------------------------------
@@ -58,7 +48,7 @@ def test_select_tokens_ties_and_non_finite():
     score = torch.tensor(rows)
     for p in (1, 3, 5):
         keep, prop = onnx_run(lambda s, p=p: gtp.select_tokens(s, p), score)
-        k_ref, p_ref = rule_select(score, p)
+        k_ref, p_ref = reference.select_tokens(score, p)
         assert keep.tolist() == k_ref.tolist(), (p, keep.tolist(), k_ref.tolist())
         assert prop.tolist() == p_ref.tolist(), (p, prop.tolist(), p_ref.tolist())
 
@@ -167,6 +157,7 @@ def test_build_graph_ties_zero_tokens_and_k_zero():
     tokens = torch.randn(2, 16, 8)
     tokens[:, 8:] = tokens[:, :8]  # every token has an exact twin: tied similarities
     tokens[1, 3] = 0.0  # a zero token: similarity 0 to everything
+    tokens[1, 5] *= 1e30  # finite, its square beyond float32: normalised without overflow
     for graph, kn in (("semantic", 4), ("mixed", 4), ("mixed", 0), ("semantic", 0)):
         index, weight = graph_run(tokens, 4, 4, kn, graph)
         i_ref, w_ref = reference.build_graph(tokens, 4, 4, kn, graph)
@@ -185,28 +176,15 @@ def test_build_graph_large_finite_tokens_do_not_overflow():
     assert torch.equal(big[0], small[0]) and torch.equal(big[1], small[1])
 
 
-def rule_semantic(tokens, kn):
-    """The semantic graph under the non-finite rule, written with torch.sort: a token holding
-    NaN / Inf has NaN similarity to every token, NaN ranks as the most similar, ties go to the
-    lower index (the reference rejects such tokens until the rule lands there)."""
-    e = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = e @ e.transpose(1, 2)
-    bad = ~torch.isfinite(tokens).all(dim=-1)
-    sim = torch.where(bad[:, :, None] | bad[:, None, :], NAN, sim)
-    sim.diagonal(dim1=1, dim2=2).fill_(-INF)
-    order = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :kn]
-    adj = torch.zeros(sim.shape, dtype=torch.bool).scatter_(-1, order, True)
-    return ell_from_adjacency(adj, kn)
-
-
 def test_build_graph_non_finite_tokens():
     tokens = torch.randn(2, 16, 8)
     tokens[0, 6, 2] = NAN
     tokens[1, 9, 0] = INF
     tokens[1, 12, :] = -INF
     index, weight = graph_run(tokens, 4, 4, 3, "semantic")
-    i_rule, w_rule = rule_semantic(tokens, 3)
-    assert index[0, 6].tolist() == [0, 1, 2]  # its own row: the 3 lowest other indices
+    i_rule, w_rule = reference.build_graph(tokens, 4, 4, 3, "semantic")
+    # NaN similarity ranks as the most similar: its own row takes the 3 lowest other indices
+    assert index[0, 6].tolist() == [0, 1, 2]
     assert torch.equal(index, i_rule) and torch.equal(weight, w_rule)
 
 
