@@ -117,21 +117,10 @@ def main(argv=None) -> None:
     base_g = gmacs(base)
     rows = []
     for name, model in eager.items():
-        t = timing.median(times[name])
-        g = gmacs(model)
-        measured, ideal = base_t / t, base_g / g
         rows.append(
-            [
-                name,
-                f"{g:.2f}",
-                f"{args.batch / t:.1f}",
-                f"{measured:.3f}x",
-                f"{ideal:.3f}x",
-                f"{100 * measured / ideal:.0f}%",
-                f"{100 * timing.spread(times[name]):.0f}%",
-            ]
+            [name, *timing.speedup_row(times[name], base_t, gmacs(model), base_g, args.batch)]
         )
-    header = ["ORT session", "GMACs", "images/s", "speed-up", "ideal (GMACs)", "of ideal", "spread"]
+    header = ["ORT session", *timing.SPEEDUP_HEADER]
     print(timing.markdown_table(header, rows))
 
 
