@@ -8,6 +8,10 @@ Decisions are printed, and can be overridden from the environment:
   GTP_CPU_FLAGS             extra CPU compiler flags; default "-march=native" (a source build
                             runs where it is built); set it empty for a portable build.
   GTP_DEBUG=1               -O0 -g.
+  GTP_SANITIZE=<list>       build with -fsanitize=<list> (e.g. address,undefined), plus UBSan's
+                            float-cast-overflow and -fno-sanitize-recover=all, at -O1 -g
+                            (scripts/sanitize.sh builds such a copy out of tree and runs the
+                            op tests against it).
   GTP_NO_EXTENSION=1        package only, no compiled extension (scripts/setup.sh installs the
                             package this way, then builds the extension in place with ninja so
                             that rebuilds are incremental).
@@ -84,6 +88,13 @@ def _extensions():
     debug = os.environ.get("GTP_DEBUG") == "1"
     cpu_flags = os.environ.get("GTP_CPU_FLAGS", "-march=native").split()
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("GTP_SANITIZE", "")
+    if sanitize:
+        san = [f"-fsanitize={sanitize}", "-fsanitize=float-cast-overflow"]
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer", *san, "-fno-sanitize-recover=all"]
+        link += san
+        _log(f"sanitizers: {' '.join(san)} (load their runtimes first: scripts/sanitize.sh)")
     cxx = [*opt, "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", *cpu_flags]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -107,7 +118,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -31,12 +31,13 @@ MMACs). The same convention reproduces the GMACs column of the paper's DeiT-B ta
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from gtp_kernels.schedule import expand
 
 __all__ = ["gmacs", "macs", "token_counts"]
 
@@ -73,10 +74,7 @@ def _settings(model: Any, num_prop: Any, propagation: str | None) -> tuple[list[
         num_prop = gtp.num_prop if gtp is not None else 0
     if propagation is None:
         propagation = gtp.propagation if gtp is not None else "graph"
-    if isinstance(num_prop, numbers.Integral):
-        props = [int(num_prop)] * depth
-    else:
-        props = [int(p) for p in num_prop]
+    props = expand(num_prop, depth)
     if len(props) != depth:
         raise ValueError(f"gmacs: num_prop has {len(props)} entries, the model {depth} blocks")
     return props, propagation
@@ -178,7 +176,8 @@ def gmacs(
     Args:
         model: a timm VisionTransformer; patched models use `model.gtp` (num_prop, propagation).
         img_size: input size (int or (h, w)); default the model's configured size.
-        num_prop / propagation: override the model's settings (an unpatched model has none).
+        num_prop / propagation: override the model's settings (an unpatched model has none);
+            num_prop in any form of gtp_kernels.schedule (int, per-block list, (r, inflect)).
         include_gtp: also count GTP's own matmul-like work (graph similarity, propagation).
     FLOPs as counted by torch.utils.flop_counter are 2 * MACs.
     """

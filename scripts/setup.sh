@@ -20,9 +20,21 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt
   rm -f .venv/.gtp-requirements-* && touch "$stamp"
 fi
-if ! .venv/bin/python -m pip show -q gtp_kernels > /dev/null 2>&1; then
-  echo "[setup] installing gtp_kernels in editable mode"
+# The editable install is redone when pyproject.toml changes (console scripts, metadata), but
+# only for an install of this checkout: a .venv shared by several worktrees keeps pointing at
+# the checkout it was installed from (run with PYTHONPATH=$PWD there).
+pstamp=".venv/.gtp-pyproject-$(sha1sum pyproject.toml | cut -c1-12)"
+installed_at=$({ .venv/bin/python -m pip show gtp_kernels 2>/dev/null || true; } |
+  sed -n 's/^Editable project location: //p')
+here=$(pwd -P)
+[ -n "$installed_at" ] && installed_at=$(cd "$installed_at" 2> /dev/null && pwd -P || echo "$installed_at")
+if ! .venv/bin/python -m pip show -q gtp_kernels > /dev/null 2>&1 ||
+  { [ "$installed_at" = "$here" ] && [ ! -f "$pstamp" ]; }; then
+  echo "[setup] installing gtp_kernels in editable mode (console scripts from pyproject.toml)"
   GTP_NO_EXTENSION=1 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+  rm -f .venv/.gtp-pyproject-* && touch "$pstamp"
+elif [ -n "$installed_at" ] && [ "$installed_at" != "$here" ]; then
+  echo "[setup] gtp_kernels is installed from $installed_at (a shared .venv): not reinstalled"
 fi
 # Same build as `pip install --no-build-isolation -e .`, but in ./build so ninja rebuilds only
 # what changed.

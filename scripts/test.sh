@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up, then: lint, build the standalone CMake library and run its ctest smoke test, and
-# run the Python test suite. GTP_SKIP_CMAKE=1 skips the CMake step. The CMake build also makes
-# the AOTInductor C++ runner build/cmake/gtp_aoti_run, which tests/test_export_aoti.py runs.
+# Set up, then: lint, build the standalone CMake library and run its ctest smoke test, run the
+# Python test suite, then the op tests under ASan + UBSan (scripts/sanitize.sh). GTP_SKIP_CMAKE=1
+# skips the CMake step, GTP_SKIP_SANITIZE=1 the sanitizer run.
+# The CMake build also makes the AOTInductor C++ runner build/cmake/gtp_aoti_run, which
+# tests/test_export_aoti.py runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,4 +22,11 @@ if [ "${GTP_SKIP_CMAKE:-0}" != "1" ]; then
 fi
 
 echo "[test] pytest"
-GTP_REQUIRE_EXTENSION=1 exec .venv/bin/python -m pytest tests -q -ra "$@"
+GTP_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest tests -q -ra "$@"
+
+# The op tests against an ASan + UBSan build of the extension (its own build dir; about 4 min
+# on an idle 2-core machine). GTP_SKIP_SANITIZE=1 skips it; only with no pytest arguments.
+if [ "${GTP_SKIP_SANITIZE:-0}" != "1" ] && [ $# -eq 0 ]; then
+  echo "[test] sanitizers (scripts/sanitize.sh)"
+  bash scripts/sanitize.sh
+fi

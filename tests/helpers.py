@@ -44,3 +44,12 @@ TOL = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
     torch.float16: dict(atol=2e-3, rtol=2e-3),
 }
+
+
+def single_thread():
+    """Generator for a fixture: torch on one thread, restored after. For tests of small models:
+    on a shared machine a second thread's wake-ups cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

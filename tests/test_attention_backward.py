@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, single_thread
 from test_attention import needs_kernel, timm_qkv
 
 import gtp_kernels.ops as ops
@@ -13,6 +13,7 @@ from gtp_kernels.reference import attention as ref_attention
 from gtp_kernels.reference.attention import SCORES
 
 pytestmark = needs_kernel
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _inputs(b, h, n, d, *, dtype=torch.float64, dv=None, sizes=True, seed=0):

@@ -13,7 +13,10 @@
 // (B, H, n) buffer and are combined over heads at the end.
 //
 // Precision: float32/float16/bfloat16 inputs compute in float32 (half tiles are converted on
-// load), float64 in float64, exactly like gtp_kernels/reference/attention.py.
+// load), float64 in float64, exactly like gtp_kernels/reference/attention.py. The logit scale
+// is applied after the QK^T GEMM, as the reference computes scale * (q @ k^T): folding it into
+// BLAS's alpha was up to ~8x less exact on integer-valued q / k with large logits (probability
+// error vs float64 1.75e-5 against the reference's 2.2e-6; now 2.2e-6 both).
 //
 // Developer knobs (environment, read per call; not part of the API):
 //   GTP_ATTENTION_SELECT=radix|nth_element|windowed_scalar   plain radix select,
@@ -434,11 +437,17 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
   // Tiles are handed out one at a time from a shared counter: on a machine shared with other
   // work a descheduled thread then delays the call by one tile, not by its whole static chunk.
-  // Each thread still allocates its scratch once. Results do not depend on the schedule.
+  // Each thread still allocates its scratch once. Results do not depend on the schedule, nor
+  // on the thread count: the BLAS calls always run single-threaded, inside the parallel region
+  // (MKL does not nest). A lone tile (B * H == 1) therefore still gets a region of two threads
+  // when two are allowed, the second finding no tile: called outside any region, MKL would
+  // thread the GEMM itself and round differently than with one thread (1 ulp, measured).
   const int64_t num_tiles = B * H;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tiles);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(num_tiles, 2));
   std::atomic<int64_t> next_tile{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    int64_t tile = next_tile.fetch_add(1);
+    if (tile >= num_tiles) return;  // (before allocating scratch)
     // Thread-local scratch, once per call per thread.
     std::unique_ptr<T[]> S(new T[NN]);
     std::unique_ptr<T[]> colsum(new T[N]);
@@ -459,11 +468,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       t_last = now;
     };
 
-    for (int64_t tile = next_tile.fetch_add(1); tile < num_tiles; tile = next_tile.fetch_add(1)) {
+    for (; tile < num_tiles; tile = next_tile.fetch_add(1)) {
       const int64_t b = tile / H, h = tile % H;
-      const scalar_t* qt = qp + b * q.stride(0) + h * q.stride(1);
-      const scalar_t* kt = kp + b * k.stride(0) + h * k.stride(1);
-      const scalar_t* vt = vp + b * v.stride(0) + h * v.stride(1);
+      // d = 0 or dv = 0: those tensors hold no element and their data pointer may be null, so
+      // no offset is applied to it (UB on a null pointer); nothing reads through it then.
+      const scalar_t* qt = d > 0 ? qp + b * q.stride(0) + h * q.stride(1) : qp;
+      const scalar_t* kt = d > 0 ? kp + b * k.stride(0) + h * k.stride(1) : kp;
+      const scalar_t* vt = dv > 0 ? vp + b * v.stride(0) + h * v.stride(1) : vp;
       tick(kPack);
       const T *Q, *K, *V;
       int64_t ldq, ldk, ldv;

@@ -300,7 +300,9 @@ void semantic_rows(const at::Tensor& tokens, int64_t height, int64_t width, int6
         cur_bad = false;
         for (int64_t i = 0; i < n; ++i) {
           float* ei = ep + i * C;
-          bad[i] = !normalise_row(x + b * sb + i * sn, sc, C, ei);
+          // C = 0: a zero token (similarity 0 to every token); tokens may then be a null
+          // pointer, which takes no offset
+          bad[i] = C > 0 && !normalise_row(x + b * sb + i * sn, sc, C, ei);
           if (bad[i]) std::fill(ei, ei + C, 0.0f);  // its similarities are set below
           cur_bad |= bad[i] != 0;
         }

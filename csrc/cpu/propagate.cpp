@@ -145,7 +145,20 @@ struct Args {
       [](float v) { return v; });
 }
 
-inline float sb_or_zero(const float* sb, int32_t j) { return sb ? sb[j] : 0.0f; }
+// The size of a kept row: s_i + alpha * sum over absorbing slots of w * s_j, accumulated from 0
+// in slot order as the reference does; s_i itself when the row absorbs nothing or alpha = 0.
+inline float propagated_size(const float* sb, int64_t i, const int32_t* idx, const float* w,
+                             int64_t width, const int32_t* new_pos, int64_t n, double alpha) {
+  float acc = 0.0f;
+  bool any = false;
+  for (int64_t s = 0; s < width; ++s) {
+    const int32_t j = idx[s];
+    if (!(j >= 0 && j < n && propagate::absorbs(j, new_pos))) continue;
+    acc += w[s] * sb[j];
+    any = true;
+  }
+  return any && alpha != 0.0 ? sb[i] + static_cast<float>(alpha) * acc : sb[i];
+}
 
 // One output row of a kept token: re-index its graph row and write x_i + alpha * sum (or copy).
 template <typename scalar_t>
@@ -166,11 +179,14 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
   const int64_t absorbed = propagate::reindex_row(idx, w, a.width, new_pos, a.n,
                                                   a.index_out + row_out, a.weight_out + row_out,
                                                   err);
+  if (a.sizes) {
+    const float* sb = a.sizes + b * a.big_n + a.prefix;
+    *size_dst = propagated_size(sb, i, idx, w, a.width, new_pos, a.n, a.alpha);
+  }
+  if (ch == 0) return;  // (x may be a null pointer: no row pointers, no memcpy)
   const scalar_t* xi = xb + (a.prefix + i) * a.sx1;
-  const float* sb = a.sizes ? a.sizes + b * a.big_n + a.prefix : nullptr;
   if (absorbed == 0 || a.alpha == 0.0) {  // nothing to absorb, or plain pruning: a row copy
     std::memcpy(dst, xi, ch * sizeof(scalar_t));
-    if (sb) *size_dst = sb[i];
     return;
   }
   const acc_t alpha = static_cast<acc_t>(a.alpha);
@@ -180,14 +196,12 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
     if (absorbed <= 2) {
       const scalar_t* xs[2] = {xi, xi};
       acc_t ws[2] = {0, 0};
-      float ss = 0.0f;
       int k = 0;
       for (int64_t s = 0; s < a.width && k < 2; ++s) {
         const int32_t j = idx[s];
         if (!(j >= 0 && j < a.n && propagate::absorbs(j, new_pos))) continue;
         xs[k] = xb + (a.prefix + j) * a.sx1;
         ws[k] = static_cast<acc_t>(w[s]);
-        ss = k == 0 ? w[s] * sb_or_zero(sb, j) : ss + w[s] * sb_or_zero(sb, j);
         ++k;
       }
       using C = Cvt<scalar_t>;
@@ -202,13 +216,11 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
           dst[c] =
               C::store(C::load(xi[c]) + alpha * (w0 * C::load(x0[c]) + w1 * C::load(x1[c])));
       }
-      if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * ss;
       return;
     }
   }
   if (acc.empty()) acc.resize(std::max<int64_t>(ch, 1));
   acc_t* ac = acc.data();
-  float sacc = 0.0f;
   bool first = true;
   // Slot-outer, channel-inner: each pass over the channels is a unit-stride loop the
   // compiler vectorises. Same per-channel arithmetic and order as propagate_channel.
@@ -219,10 +231,8 @@ inline void kept_row(const Args& a, int64_t b, int64_t r, const int32_t* new_pos
     const acc_t wv = static_cast<acc_t>(w[s]);
     accumulate<scalar_t, acc_t>(ac, xj, wv, ch, first);
     first = false;
-    if (sb) sacc += w[s] * sb[j];
   }
   finish<scalar_t, acc_t>(dst, xi, ac, alpha, ch);
-  if (sb) *size_dst = sb[i] + static_cast<float>(a.alpha) * sacc;
 }
 
 // A single parallel pass over the B * (M + R) output rows. A chunk builds the position map of
@@ -243,7 +253,7 @@ void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic
       const int64_t b = t / rows_out;
       const int64_t o_begin = t % rows_out;
       const int64_t o_end = std::min(rows_out, o_begin + (end - t));
-      const scalar_t* xb = x + b * a.sx0;
+      const scalar_t* xb = ch > 0 ? x + b * a.sx0 : x;  // C = 0: x may be null
       if (o_end > a.prefix) {
         local_err |=
             propagate::build_position_map(a.keep + b * a.kept, a.kept, a.n, new_pos.data());
@@ -253,7 +263,7 @@ void propagate_rows(const Args& a, const scalar_t* x, scalar_t* out, std::atomic
       for (int64_t o = o_begin; o < o_end; ++o, ++t) {
         scalar_t* dst = out + t * ch;
         if (o < a.prefix) {  // prefix tokens pass through
-          std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
+          if (ch > 0) std::memcpy(dst, xb + o * a.sx1, ch * sizeof(scalar_t));
           if (a.sizes) a.sizes_out[t] = a.sizes[b * a.big_n + o];
         } else {
           kept_row<scalar_t>(a, b, o - a.prefix, new_pos.data(), xb, dst,

@@ -18,11 +18,13 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 _REEXEC_FLAG = "GTP_BENCH_REEXEC"
 
 
-def ensure_malloc_env(enabled: bool = True) -> str:
+def ensure_malloc_env(enabled: bool = True, argv: list[str] | None = None) -> str:
     """Make sure this process runs with the steady-state glibc malloc settings.
 
     Returns a one-line description of the allocator setting in force, for the report. If the
-    variables are missing, re-executes the current command line with them set (once).
+    variables are missing, re-executes the current command line with them set (once); `argv`
+    is that command line after the interpreter (default sys.argv; a `python -m module` run
+    passes ["-m", module, *args], since sys.argv[0] is then the module's file).
     """
     if enabled and os.environ.get(_REEXEC_FLAG) != "1":
         missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
@@ -30,7 +32,7 @@ def ensure_malloc_env(enabled: bool = True) -> str:
             env = dict(os.environ, **missing, **{_REEXEC_FLAG: "1"})
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execvpe(sys.executable, [sys.executable, *sys.argv], env)
+            os.execvpe(sys.executable, [sys.executable, *(argv or sys.argv)], env)
     ld = os.environ.get("LD_PRELOAD", "")
     settings = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in MALLOC_ENV)
     alloc = f"LD_PRELOAD={ld}" if ld else "glibc malloc"

@@ -15,8 +15,13 @@ scale norm, gated attention and stochastic depth are kept. `forward` and `forwar
 (pooling, fc_norm, head, the distilled head) are timm's. Nothing is registered on the model:
 `model.gtp` is a plain dataclass, so the state_dict is unchanged.
 
-Not applied: attention dropout (attn.attn_drop; the gtp attention op has no dropout, and the
-pretrained ViTs use p = 0), attn_mask / is_causal (rejected), gradient checkpointing.
+Training (finetuning through the patch) works on every backend: the attention op has a
+backward (the top-theta mask held constant), propagate is linear in the tokens, and the graph
+and the selection are constants. Drop path, proj_drop, the MLP's dropout and pos_drop run as in
+timm (the same modules in the same order, so the same random numbers). Attention dropout
+(attn.attn_drop with p > 0) cannot be applied inside the fused attention: in training mode it
+raises a ValueError instead of being ignored (in eval mode it is off anyway; pretrained ViTs use
+p = 0). Not supported: attn_mask / is_causal (rejected), gradient checkpointing.
 forward_intermediates and other timm entry points run the unpatched blocks.
 
 NaN / Inf mid-network (e.g. a float16 overflow inside a block): the patched forward behaves as
@@ -41,7 +46,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from gtp_kernels import ops
+from gtp_kernels import ops, schedule
 
 __all__ = ["GTPSettings", "SELECTIONS", "timm", "remove", "is_patched"]
 
@@ -59,8 +64,9 @@ _NAME = "gtp_kernels.patch.timm"
 class GTPSettings:
     """GTP settings of a patched model (`model.gtp`); change them freely between forwards.
 
-    num_prop: P, tokens propagated after each block: an int for every block or a sequence of
-        one int per block (0 = off for that block).
+    num_prop: P, tokens propagated after each block: an int for every block, a sequence of
+        one int per block (0 = off for that block), or ToMe's (r, inflect) pair with a float
+        inflect, e.g. (8, -0.5) (gtp_kernels.schedule.inflected).
     sparsity: theta in (0, 1], the attention density kept (1 = no masking).
     alpha: propagation magnitude >= 0 (only used by propagation="graph").
     num_neighbours: K semantic neighbours per token (graph "semantic" / "mixed").
@@ -79,7 +85,9 @@ class GTPSettings:
         the same rule as the tokens, S' = S_kept + alpha * W S_prop: row r says which original
         patches the r-th remaining image token absorbed, with what weight. A visualisation aid
         (dense, n0 = patches of the input); stored in `last_sources` after each forward
-        (None when off).
+        (None when off), with `last_propagated_at`, (B, n0) int64: the block after which each
+        original patch's own token was propagated (removed), -1 when it is left at the end.
+        gtp_kernels.visualize draws both.
 
     torch.compile(model, fullgraph=True) traces the patched forward (no .item(), no
     data-dependent branches; settings are Python constants, so changing them recompiles) with
@@ -99,23 +107,30 @@ class GTPSettings:
     seed: int = 0
     track_sources: bool = False
     last_sources: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    last_propagated_at: torch.Tensor | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     def per_block(self, depth: int) -> list[int]:
         """num_prop as one int per block (validated against `depth`)."""
-        p = self.num_prop
-        if isinstance(p, numbers.Integral):
-            return [int(p)] * depth
-        return [int(v) for v in p]
+        return schedule.expand(self.num_prop, depth)
 
     def validate(self, model: Any | None = None) -> None:
         """Raise ValueError / TypeError naming the bad setting (and the block where it matters)."""
         p = self.num_prop
         if isinstance(p, bool) or not isinstance(p, (numbers.Integral, list, tuple)):
             raise TypeError(f"{_NAME}: num_prop must be an int or a list of ints, got {p!r}")
-        values = [p] if isinstance(p, numbers.Integral) else list(p)
+        if schedule.is_inflected(p):
+            schedule.inflected(p[0], p[1], 2)  # checks r and inflect
+            values = []
+        else:
+            values = [p] if isinstance(p, numbers.Integral) else list(p)
         for v in values:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-                raise ValueError(f"{_NAME}: num_prop must be >= 0 (ints), got {p!r}")
+                raise ValueError(
+                    f"{_NAME}: num_prop must be >= 0 (ints), got {p!r} (ToMe's (r, inflect) "
+                    "form takes a float inflect, e.g. (8, -1.0))"
+                )
         s = self.sparsity
         if not isinstance(s, (int, float)) or not (0.0 < float(s) <= 1.0):  # rejects NaN
             raise ValueError(f"{_NAME}: sparsity (theta) must be in (0, 1], got {s!r}")
@@ -149,10 +164,10 @@ class GTPSettings:
         if model is None:
             return
         depth = len(model.blocks)
-        if not isinstance(p, numbers.Integral) and len(p) != depth:
+        if not isinstance(p, numbers.Integral) and not schedule.is_inflected(p) and len(p) != depth:
             raise ValueError(
                 f"{_NAME}: num_prop has {len(p)} entries but the model has {depth} blocks "
-                "(give one int per block, or a single int)"
+                "(give one int per block, a single int, or (r, inflect) with a float inflect)"
             )
         if self.selection.startswith("cls_") and not getattr(model, "has_class_token", False):
             raise ValueError(
@@ -278,9 +293,12 @@ def gtp_blocks(
     if cfg.track_sources:
         eye = torch.eye(n, dtype=torch.float32, device=x.device)
         state.sources = eye.expand(B, n, n).contiguous()
+        state.origin = torch.arange(n, device=x.device).expand(B, n)
+        state.propagated_at = torch.full((B, n), -1, dtype=torch.int64, device=x.device)
     for i, blk in enumerate(blocks):
         x = gtp_block(blk, x, state, cfg, props[i], M, i)
     cfg.last_sources = state.sources if cfg.track_sources else None
+    cfg.last_propagated_at = state.propagated_at if cfg.track_sources else None
     return x
 
 
@@ -292,6 +310,8 @@ class _State:
         self.weight: torch.Tensor | None = None  # (B, n, W) float32
         self.sizes: torch.Tensor | None = None  # (B, N) float32 when token_scale
         self.sources: torch.Tensor | None = None  # (B, n, n0) float32 when track_sources
+        self.origin: torch.Tensor | None = None  # (B, n) int64 original patch, -1: 'mean' token
+        self.propagated_at: torch.Tensor | None = None  # (B, n0) int64 block, -1: still there
         self.generator: torch.Generator | None = None  # selection="random"
 
 
@@ -319,6 +339,13 @@ def gtp_block(
             f"left there (at most {n - 1} can be propagated)"
         )
     attn = blk.attn
+    if attn.training and getattr(attn.attn_drop, "p", 0.0) > 0:
+        raise ValueError(
+            f"{_NAME}: block {layer} has attention dropout (attn_drop p="
+            f"{attn.attn_drop.p:g}) in training mode, which the fused GTP attention cannot "
+            "apply; finetune with attn_drop_rate=0 (e.g. set blk.attn.attn_drop.p = 0 in every "
+            "block), or call model.eval() for inference"
+        )
     y = blk.norm1(x)
     gate = attn.gate(y).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -336,12 +363,18 @@ def gtp_block(
     out = attn.proj_drop(attn.proj(out))
     x = x + blk.drop_path1(blk.ls1(out))
     if P > 0:
-        x = _propagate(x, score, state, cfg, P, M)
+        x = _propagate(x, score, state, cfg, P, M, layer)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 def _propagate(
-    x: torch.Tensor, score: torch.Tensor, state: _State, cfg: GTPSettings, P: int, M: int
+    x: torch.Tensor,
+    score: torch.Tensor,
+    state: _State,
+    cfg: GTPSettings,
+    P: int,
+    M: int,
+    layer: int = 0,
 ) -> torch.Tensor:
     B, N, C = x.shape
     n = N - M
@@ -355,6 +388,7 @@ def _propagate(
         state.sources = ops.propagate(
             sources, index, weight, keep, alpha, 0, None, backend=cfg.backend
         )[0]
+        _track_origins(state, keep, prop, layer)
     x_out, sizes_out, index_out, weight_out = ops.propagate(
         x, index, weight, keep, alpha, M, state.sizes, backend=cfg.backend
     )
@@ -369,6 +403,7 @@ def _propagate(
         if sources is not None:
             src_p = sources.gather(1, prop[:, :, None].expand(B, P, sources.shape[2]))
             state.sources = torch.cat([state.sources, src_p.mean(dim=1, keepdim=True)], dim=1)
+            state.origin = torch.cat([state.origin, state.origin.new_full((B, 1), -1)], dim=1)
         W = index_out.shape[2]
         index_out = torch.cat([index_out, index_out.new_full((B, 1, W), -1)], dim=1)
         weight_out = torch.cat([weight_out, weight_out.new_zeros((B, 1, W))], dim=1)
@@ -376,6 +411,16 @@ def _propagate(
         state.sizes = sizes_out
     state.index, state.weight = index_out, weight_out
     return x_out
+
+
+def _track_origins(state: _State, keep: torch.Tensor, prop: torch.Tensor, layer: int) -> None:
+    """Record `layer` for the original patches of the propagated tokens ('mean' tokens have
+    none) and keep the origins of the survivors."""
+    origin = state.origin.gather(1, prop)
+    hits = torch.zeros_like(state.propagated_at)  # a count, so clamped -1s cannot collide
+    hits.scatter_add_(1, origin.clamp(min=0), (origin >= 0).long())
+    state.propagated_at = torch.where(hits > 0, layer, state.propagated_at)
+    state.origin = state.origin.gather(1, keep)
 
 
 _CLASSES: dict[type, type] = {}
@@ -394,7 +439,7 @@ def is_patched(model: Any) -> bool:
 
 def timm(
     model: Any,
-    num_prop: int | list[int] | tuple[int, ...] = 8,
+    num_prop: int | list[int] | tuple[int, ...] | tuple[int, float] | None = None,
     sparsity: float = 0.6,
     alpha: float = 0.1,
     num_neighbours: int = 8,
@@ -405,9 +450,14 @@ def timm(
     backend: str = "auto",
     seed: int = 0,
     track_sources: bool = False,
+    gmacs_reduction: float | None = None,
 ) -> Any:
     """Apply GTP to a timm VisionTransformer in place and return it (settings in `model.gtp`,
     see GTPSettings). Patching an already patched model only replaces its settings.
+
+    num_prop defaults to 8 in every block. Instead of num_prop, gmacs_reduction=0.26 asks for
+    at least 26% fewer GMACs than the unpatched model at its configured input size:
+    `model.gtp.num_prop` is then the per-block schedule of gtp_kernels.schedule.for_budget.
 
     Supported: timm VisionTransformer (and VisionTransformerDistilled) with pre-norm Blocks and
     timm Attention; with or without class token, register / distillation tokens, global_pool
@@ -416,6 +466,12 @@ def timm(
     otherwise (e.g. 'map' attention pooling, ResPostBlock, ParallelScalingBlock).
     """
     _check_model(model)
+    if gmacs_reduction is not None:
+        if num_prop is not None:
+            raise ValueError(f"{_NAME}: give num_prop or gmacs_reduction, not both")
+        num_prop = schedule.for_budget(model, gmacs_reduction, propagation=propagation)
+    elif num_prop is None:
+        num_prop = 8
     settings = GTPSettings(
         num_prop=tuple(num_prop) if isinstance(num_prop, (list, tuple)) else num_prop,
         sparsity=sparsity,

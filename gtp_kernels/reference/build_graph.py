@@ -83,6 +83,14 @@ def semantic_adjacency(tokens: torch.Tensor, num_neighbours: int) -> torch.Tenso
     to every token (set explicitly, not left to the matmul), and NaN ranks as the most similar
     (-inf < finite < +inf < NaN, as torch.sort orders it); its own row then links to the K
     lowest other indices.
+
+    Ties are decided on the computed float32 similarities: among equal values the lower index
+    wins, on every backend. Mathematically equal similarities of different tokens (duplicates)
+    can come out an ulp apart, because a BLAS GEMM rounds a dot product differently depending
+    on the column's place in its kernel (measured: identical unit vectors as columns 3 and 5 of
+    a 7 x 7 product differ in the last bit); such near-ties may go either way, as any rounding
+    difference may. Ties are exact, hence always to the lower index, where the arithmetic is
+    exact (one-hot tokens, C = 1) and among non-finite tokens.
     """
     b, n, _ = tokens.shape
     e = normalised_tokens(tokens)
