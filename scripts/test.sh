@@ -2,6 +2,8 @@
 # Set up, then: lint, build the standalone CMake library and run its ctest smoke test, run the
 # Python test suite, then the op tests under ASan + UBSan (scripts/sanitize.sh). GTP_SKIP_CMAKE=1
 # skips the CMake step, GTP_SKIP_SANITIZE=1 the sanitizer run.
+# The CMake build also makes the AOTInductor C++ runner build/cmake/gtp_aoti_run, which
+# tests/test_export_aoti.py runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -81,3 +81,19 @@ def test_profile_timm_categories_add_up():
             assert float(rows[cat][col]) > 0.0, (cat, header[col])
     # timm's attention is its fused SDPA, found by op name
     assert float(rows["attention"][1]) > 0.0
+
+
+@needs_cpu_ops
+def test_bench_onnx_runs_and_checks_every_session():
+    pytest.importorskip("onnxruntime")
+    out = _run(
+        "benchmarks/bench_onnx.py",
+        "--model", "deit_tiny_patch16_224", "--img-size", "64", "--depth", "2", "--batch", "2",
+        "--num-prop", "1", "--sparsity", "0.6",
+        "--rounds", "1", "--warmup", "0", "--no-malloc-env",
+    )  # fmt: skip
+    header, rows = _table(out)
+    assert header[:4] == ["ORT session", "GMACs", "images/s", "speed-up"]
+    assert {"timm (unpatched)", "gtp, theta=0.6"} <= set(rows), rows.keys()
+    assert rows["timm (unpatched)"][3] == "1.000x"
+    assert out.count("ORT vs eager") == 2  # every session was checked before timing

@@ -98,22 +98,9 @@ def main(argv=None) -> None:
     base_g = gmacs(base)
     rows = []
     for name, m in variants.items():
-        t = timing.median(times[name])
         g = gmacs(getattr(m, "_orig_mod", m))
-        measured = base_t / t
-        ideal = base_g / g
-        rows.append(
-            [
-                name,
-                f"{g:.2f}",
-                f"{args.batch / t:.1f}",
-                f"{measured:.3f}x",
-                f"{ideal:.3f}x",
-                f"{100 * measured / ideal:.0f}%",
-                f"{100 * timing.spread(times[name]):.0f}%",
-            ]
-        )
-    header = ["variant", "GMACs", "images/s", "speed-up", "ideal (GMACs)", "of ideal", "spread"]
+        rows.append([name, *timing.speedup_row(times[name], base_t, g, base_g, args.batch)])
+    header = ["variant", *timing.SPEEDUP_HEADER]
     print(timing.markdown_table(header, rows))
     if args.csv:
         with open(args.csv, "a", newline="") as f:

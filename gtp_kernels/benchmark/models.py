@@ -16,6 +16,7 @@ def add_model_arguments(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--img-size", type=int, default=None, help="input side (default: model's)")
+    p.add_argument("--depth", type=int, default=None, help="blocks (default: model's; smoke tests)")
     p.add_argument("--num-prop", type=int, default=8, help="tokens propagated per block (P)")
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--neighbours", type=int, default=8, help="semantic neighbours K")
@@ -44,6 +45,8 @@ def model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Te
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if getattr(args, "depth", None):
+        kwargs["depth"] = args.depth
     base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
     x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
     return base, x

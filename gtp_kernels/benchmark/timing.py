@@ -79,6 +79,26 @@ def spread(values: Sequence[float]) -> float:
     return (max(values) - min(values)) / m if m else float("nan")
 
 
+SPEEDUP_HEADER = ["GMACs", "images/s", "speed-up", "ideal (GMACs)", "of ideal", "spread"]
+
+
+def speedup_row(
+    times: Sequence[float], base_time: float, gmacs: float, base_gmacs: float, batch: int
+) -> list[str]:
+    """The SPEEDUP_HEADER cells of one variant: its rounds `times` (seconds per batch)
+    against the baseline's median `base_time`; the ideal speed-up is the GMAC ratio."""
+    t = statistics.median(times)
+    measured, ideal = base_time / t, base_gmacs / gmacs
+    return [
+        f"{gmacs:.2f}",
+        f"{batch / t:.1f}",
+        f"{measured:.3f}x",
+        f"{ideal:.3f}x",
+        f"{100 * measured / ideal:.0f}%",
+        f"{100 * spread(times):.0f}%",
+    ]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

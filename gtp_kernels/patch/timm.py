@@ -219,6 +219,10 @@ class _GTPMixin:
             raise NotImplementedError(f"{_NAME}: attn_mask / is_causal are not supported by GTP")
         cfg = self.gtp
         cfg.validate(self)
+        if torch.compiler.is_exporting():  # what torch.export cannot capture, said clearly
+            from gtp_kernels.export._checks import check_exportable
+
+            check_exportable(cfg, x.device)
         img_hw = (x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)
         grid = _grid_size(self.patch_embed, x, img_hw)
