@@ -561,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                   int64_t num_prefix, c10::string_view score) {
   const ScoreStrategy strategy = args::check_attention(q, k, v, log_sizes, scale, sparsity,
                                                        num_prefix, score, c10::DeviceType::CPU);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dv = v.size(3);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const float* ls_ptr = nullptr;
   at::Tensor ls;
   if (log_sizes.has_value()) {
