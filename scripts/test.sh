@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then: lint, build the standalone CMake library and run its ctest smoke test, run the
-# Python test suite, then the op tests under ASan + UBSan (scripts/sanitize.sh). GTP_SKIP_CMAKE=1
+# Python test suite, the Triton kernels' tests under the Triton interpreter, then the op tests
+# under ASan + UBSan (scripts/sanitize.sh). GTP_SKIP_CMAKE=1
 # skips the CMake step, GTP_SKIP_SANITIZE=1 the sanitizer run.
 # The CMake build also makes the AOTInductor C++ runner build/cmake/gtp_aoti_run, which
 # tests/test_export_aoti.py runs.
@@ -26,7 +27,12 @@ if [ "${GTP_SKIP_CMAKE:-0}" != "1" ]; then
 fi
 
 echo "[test] pytest"
-GTP_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest tests -q -ra "$@"
+GTP_REQUIRE_EXTENSION=1 .venv/bin/python -m pytest tests -q -ra --ignore=tests/triton_ops "$@"
+
+# The Triton kernels on CPU tensors under the Triton interpreter: their own invocation, since
+# the interpreter must be on before triton decorates the kernels (tests/triton_ops/conftest.py).
+echo "[test] pytest, Triton kernels under TRITON_INTERPRET=1"
+TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/triton_ops -q -ra "$@"
 
 # The op tests against an ASan + UBSan build of the extension (its own build dir; about 4 min
 # on an idle 2-core machine). GTP_SKIP_SANITIZE=1 skips it; only with no pytest arguments.

@@ -19,9 +19,13 @@ BACKENDS = ["reference", pytest.param("cpu", marks=needs_kernel)]
 
 
 def run(backend, score, p):
+    """The op on `backend`: the reference, the compiled kernel (torch.ops.gtp, "cpu"), or any
+    other backend through the public wrapper (tests/triton_ops reuse these tests)."""
     if backend == "reference":
         return ref_select_tokens(score, p)
-    return torch.ops.gtp.select_tokens(score, p)
+    if backend == "cpu":
+        return torch.ops.gtp.select_tokens(score, p)
+    return gtp_kernels.ops.select_tokens(score, p, backend=backend)
 
 
 def check(backend, score, p, keep, prop):

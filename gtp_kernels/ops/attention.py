@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from gtp_kernels._extension import extension_available
-from gtp_kernels.ops._backend import resolve_backend
+from gtp_kernels.ops._backend import resolve_backend, triton_op
 from gtp_kernels.reference import attention as _reference
 from gtp_kernels.reference.attention import (
     SCORES,
@@ -31,7 +31,14 @@ from gtp_kernels.reference.attention import (
     num_masked,
 )
 
-__all__ = ["SCORES", "attention", "backward", "register_autograd", "setup_context"]
+__all__ = [
+    "SCORES",
+    "attention",
+    "attention_fake",
+    "backward",
+    "register_autograd",
+    "setup_context",
+]
 
 _OP = "attention"
 
@@ -114,14 +121,15 @@ def register_autograd(op) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def attention_fake(q, k, v, log_sizes, scale, sparsity, num_prefix, score):
+    """Fake (meta) kernel of every op with gtp::attention's schema."""
+    check_attention_args(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
+    cols = 0 if score == "none" else q.shape[2] - num_prefix
+    return _out_like(q, v), q.new_empty((q.shape[0], cols), dtype=torch.float32)
+
+
 if extension_available():
-
-    @torch.library.register_fake("gtp::attention")
-    def _attention_fake(q, k, v, log_sizes, scale, sparsity, num_prefix, score):
-        check_attention_args(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
-        cols = 0 if score == "none" else q.shape[2] - num_prefix
-        return _out_like(q, v), q.new_empty((q.shape[0], cols), dtype=torch.float32)
-
+    torch.library.register_fake("gtp::attention", attention_fake)
     register_autograd("gtp::attention")
 
 
@@ -160,6 +168,10 @@ def attention(
         top-theta mask held constant (see the module docstring).
     """
     check_attention_args(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
-    if resolve_backend(_OP, backend, q.device) == "reference":
-        return _reference(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
-    return torch.ops.gtp.attention(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
+    which = resolve_backend(_OP, backend, q.device)
+    args = (q, k, v, log_sizes, scale, sparsity, num_prefix, score)
+    if which == "compiled":
+        return torch.ops.gtp.attention(*args)
+    if which == "triton":
+        return triton_op(_OP)(*args)
+    return _reference(*args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gtp_kernels._extension import extension_available
-from gtp_kernels.ops._backend import resolve_backend
+from gtp_kernels.ops._backend import resolve_backend, triton_op
 from gtp_kernels.reference import propagate as _reference
 from gtp_kernels.reference.propagate import check_propagate_args
 
@@ -49,44 +49,52 @@ def _propagate_backward_rows(grad, nbr, coef, keep, alpha, num_prefix, big_n):
     return out
 
 
+def propagate_fake(x, index, weight, keep, alpha, num_prefix, sizes):
+    """Fake (meta) kernel of every op with gtp::propagate's schema."""
+    check_propagate_args(x, index, weight, keep, alpha, num_prefix, sizes, values=False)
+    b, _, c = x.shape
+    rows = num_prefix + keep.shape[1]
+    f32 = torch.float32
+    return (
+        x.new_empty((b, rows, c)),
+        x.new_empty((b, rows) if sizes is not None else (0,), dtype=f32),
+        index.new_empty((b, keep.shape[1], index.shape[2])),
+        weight.new_empty((b, keep.shape[1], index.shape[2])),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, index, weight, keep, alpha, num_prefix, sizes = inputs
+    ctx.save_for_backward(index, weight, keep)
+    ctx.alpha = alpha
+    ctx.num_prefix = num_prefix
+    ctx.big_n = x.shape[1]
+    ctx.x_dtype = x.dtype
+    ctx.has_sizes = sizes is not None
+
+
+def _backward(ctx, grad_x, grad_sizes, grad_index, grad_weight):
+    index, weight, keep = ctx.saved_tensors
+    n = ctx.big_n - ctx.num_prefix
+    nbr, coef = _absorbing_slots(index, weight, keep, n)
+    dx = dsizes = None
+    args = (nbr, coef, keep, ctx.alpha, ctx.num_prefix, ctx.big_n)
+    if ctx.needs_input_grad[0] and grad_x is not None:
+        compute = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
+        dx = _propagate_backward_rows(grad_x.to(compute), *args).to(ctx.x_dtype)
+    if ctx.has_sizes and ctx.needs_input_grad[6] and grad_sizes is not None:
+        dsizes = _propagate_backward_rows(grad_sizes.unsqueeze(-1), *args).squeeze(-1)
+    return dx, None, None, None, None, None, dsizes
+
+
+def register_propagate_autograd(op: str) -> None:
+    """The transposed gather-scatter backward, for every op with gtp::propagate's schema."""
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
 if extension_available():
-
-    @torch.library.register_fake("gtp::propagate")
-    def _propagate_fake(x, index, weight, keep, alpha, num_prefix, sizes):
-        check_propagate_args(x, index, weight, keep, alpha, num_prefix, sizes, values=False)
-        b, _, c = x.shape
-        rows = num_prefix + keep.shape[1]
-        f32 = torch.float32
-        return (
-            x.new_empty((b, rows, c)),
-            x.new_empty((b, rows) if sizes is not None else (0,), dtype=f32),
-            index.new_empty((b, keep.shape[1], index.shape[2])),
-            weight.new_empty((b, keep.shape[1], index.shape[2])),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        x, index, weight, keep, alpha, num_prefix, sizes = inputs
-        ctx.save_for_backward(index, weight, keep)
-        ctx.alpha = alpha
-        ctx.num_prefix = num_prefix
-        ctx.big_n = x.shape[1]
-        ctx.x_dtype = x.dtype
-        ctx.has_sizes = sizes is not None
-
-    def _backward(ctx, grad_x, grad_sizes, grad_index, grad_weight):
-        index, weight, keep = ctx.saved_tensors
-        n = ctx.big_n - ctx.num_prefix
-        nbr, coef = _absorbing_slots(index, weight, keep, n)
-        dx = dsizes = None
-        args = (nbr, coef, keep, ctx.alpha, ctx.num_prefix, ctx.big_n)
-        if ctx.needs_input_grad[0] and grad_x is not None:
-            compute = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
-            dx = _propagate_backward_rows(grad_x.to(compute), *args).to(ctx.x_dtype)
-        if ctx.has_sizes and ctx.needs_input_grad[6] and grad_sizes is not None:
-            dsizes = _propagate_backward_rows(grad_sizes.unsqueeze(-1), *args).squeeze(-1)
-        return dx, None, None, None, None, None, dsizes
-
-    torch.library.register_autograd("gtp::propagate", _backward, setup_context=_setup_context)
+    torch.library.register_fake("gtp::propagate", propagate_fake)
+    register_propagate_autograd("gtp::propagate")
 
 
 def propagate(
@@ -120,6 +128,10 @@ def propagate(
         compacted and -1 padded, weight_out (B, n - P, W) float32 (0 at padding). x_out and
         sizes_out are differentiable with respect to x and sizes on every backend.
     """
-    if resolve_backend("propagate", backend, x.device) == "compiled":
-        return torch.ops.gtp.propagate(x, index, weight, keep, float(alpha), int(num_prefix), sizes)
-    return _reference(x, index, weight, keep, float(alpha), int(num_prefix), sizes)
+    which = resolve_backend("propagate", backend, x.device)
+    args = (x, index, weight, keep, float(alpha), int(num_prefix), sizes)
+    if which == "compiled":
+        return torch.ops.gtp.propagate(*args)
+    if which == "triton":
+        return triton_op("propagate")(*args)
+    return _reference(*args)

@@ -6,7 +6,7 @@ import torch
 
 from gtp_kernels import reference
 from gtp_kernels._extension import extension_available
-from gtp_kernels.ops._backend import resolve_backend
+from gtp_kernels.ops._backend import resolve_backend, triton_op
 
 
 def select_tokens(
@@ -23,21 +23,26 @@ def select_tokens(
         keep (B, n - P) int64 and prop (B, P) int64, both ascending positions. The P lowest
         scores are propagated; among equal scores the lower position is kept.
     """
-    if resolve_backend("select_tokens", backend, score.device) == "compiled":
+    which = resolve_backend("select_tokens", backend, score.device)
+    if which == "compiled":
         return torch.ops.gtp.select_tokens(score, num_prop)
+    if which == "triton":
+        return triton_op("select_tokens")(score, num_prop)
     return reference.select_tokens(score, num_prop)
 
 
-if extension_available():
+def select_tokens_fake(score, num_prop):
+    """Fake (meta) kernel of every op with gtp::select_tokens' schema."""
+    torch._check(score.dim() == 2, lambda: "gtp.select_tokens: score must have 2 dimensions")
+    b, n = score.shape
+    torch._check(
+        0 <= num_prop <= n - 1, lambda: "gtp.select_tokens: num_prop must be in [0, n - 1]"
+    )
+    return (
+        score.new_empty((b, n - num_prop), dtype=torch.int64),
+        score.new_empty((b, num_prop), dtype=torch.int64),
+    )
 
-    @torch.library.register_fake("gtp::select_tokens")
-    def _select_tokens_fake(score, num_prop):
-        torch._check(score.dim() == 2, lambda: "gtp.select_tokens: score must have 2 dimensions")
-        b, n = score.shape
-        torch._check(
-            0 <= num_prop <= n - 1, lambda: "gtp.select_tokens: num_prop must be in [0, n - 1]"
-        )
-        return (
-            score.new_empty((b, n - num_prop), dtype=torch.int64),
-            score.new_empty((b, num_prop), dtype=torch.int64),
-        )
+
+if extension_available():
+    torch.library.register_fake("gtp::select_tokens", select_tokens_fake)
