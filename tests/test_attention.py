@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TOL, assert_close
 
-import gtp_kernels.ops  # noqa: F401  (registers the fake kernel and autograd)
+import gtp_kernels.ops  # (registers the fake kernel and autograd)
 from gtp_kernels._extension import extension_available, has_kernel
 from gtp_kernels.reference import attention as ref_attention
 from gtp_kernels.reference.attention import attention_probs, importance_score, num_masked
@@ -23,9 +23,14 @@ BACKENDS = ["reference", pytest.param("cpu", marks=needs_kernel)]
 
 
 def run(backend, q, k, v, log_sizes, scale, theta, num_prefix, score):
+    """The op on `backend`: the reference, the compiled kernel (torch.ops.gtp, "cpu"), or any
+    other backend through the public wrapper (tests/triton_ops reuse these tests)."""
+    args = (q, k, v, log_sizes, scale, theta, num_prefix, score)
     if backend == "reference":
-        return ref_attention(q, k, v, log_sizes, scale, theta, num_prefix, score)
-    return torch.ops.gtp.attention(q, k, v, log_sizes, scale, theta, num_prefix, score)
+        return ref_attention(*args)
+    if backend == "cpu":
+        return torch.ops.gtp.attention(*args)
+    return gtp_kernels.ops.attention(*args, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +200,9 @@ def _sample(name, dtype=torch.float32, **over):
     return args
 
 
-def _kernel_probs(q, k, log_sizes, scale, theta, same_dtype=False):
+def _kernel_probs(q, k, log_sizes, scale, theta, same_dtype=False, op=None):
     """The kernel's own masked probabilities: with v = I, out = A (in the compute dtype).
+    op: the kernel (default torch.ops.gtp.attention; any op with its schema).
 
     same_dtype: run the kernel in q's dtype (its own mask when a float16/bfloat16 kernel computes
     scores differently from the float32 one, as tensor cores do); A is then rounded to q's dtype,
@@ -205,13 +211,16 @@ def _kernel_probs(q, k, log_sizes, scale, theta, same_dtype=False):
     dtype = q.dtype if same_dtype else compute
     b, h, n, _ = q.shape
     eye = torch.eye(n, dtype=dtype, device=q.device).expand(b, h, n, n)
-    a, _ = torch.ops.gtp.attention(
-        q.to(dtype), k.to(dtype), eye, log_sizes, scale, theta, 0, "none"
-    )
-    return a.to(compute)
+    op = op or torch.ops.gtp.attention
+    # v = columns of I, up to 256 at a time (kernels may limit dv): out = those columns of A
+    cols = [
+        op(q.to(dtype), k.to(dtype), eye[..., c : c + 256], log_sizes, scale, theta, 0, "none")[0]
+        for c in range(0, n, 256)
+    ]
+    return torch.cat(cols, dim=-1).to(compute) if cols else eye.to(compute)
 
 
-def check_against_reference(args, same_dtype=False):
+def check_against_reference(args, same_dtype=False, op=None):
     """Kernel vs reference, robust to near-ties at the threshold.
 
     The kernel and the reference round the probabilities differently (~1e-7 relative), so an
@@ -219,11 +228,13 @@ def check_against_reference(args, same_dtype=False):
     kernel's mask (v = I), checks that every disagreement with the reference's mask lies within
     rounding of the reference's tau, then compares out and score with the reference's
     probabilities under the kernel's mask. Returns the number of such flipped entries. Works on
-    any device (CUDA tensors run the CUDA kernel).
+    any device (CUDA tensors run the CUDA kernel). op: the kernel under test (default
+    torch.ops.gtp.attention; any callable with its arguments, e.g. the Triton launcher).
     """
     q, k, v, ls = args["q"], args["k"], args["v"], args["log_sizes"]
     scale, theta, m, score = args["scale"], args["sparsity"], args["num_prefix"], args["score"]
-    out, sc = torch.ops.gtp.attention(q, k, v, ls, scale, theta, m, score)
+    op = op or torch.ops.gtp.attention
+    out, sc = op(q, k, v, ls, scale, theta, m, score)
     expected_out, expected_score = ref_attention(q, k, v, ls, scale, theta, m, score)
     assert out.shape == expected_out.shape and out.dtype == q.dtype
     assert sc.shape == expected_score.shape and sc.dtype == torch.float32
@@ -234,7 +245,7 @@ def check_against_reference(args, same_dtype=False):
     kk = num_masked(n, theta)
     flips = 0
     if kk > 0:
-        a_k = _kernel_probs(q, k, ls, scale, theta, same_dtype)
+        a_k = _kernel_probs(q, k, ls, scale, theta, same_dtype, op)
         tau = a_ref.flatten(2).kthvalue(kk, dim=-1).values[..., None, None]
         ref_kept = a_ref >= tau
         k_kept = a_k != 0

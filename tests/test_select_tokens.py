@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gtp_kernels.ops  # noqa: F401  (registers the fake kernels and autograd)
+import gtp_kernels.ops  # (registers the fake kernels and autograd)
 from gtp_kernels._extension import extension_available, has_kernel
 from gtp_kernels.reference import select_tokens as ref_select_tokens
 

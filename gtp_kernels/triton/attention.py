@@ -65,10 +65,12 @@ MAX_HEAD_DIM = 256
 NAN_KEY = tl.constexpr(0x3FFFFFFF)  # above every probability's bits (1.0 is 0x3F800000)
 RADIX_BITS = tl.constexpr(10)  # three digits cover the 30 bits of a probability's key
 NUM_BINS = tl.constexpr(1024)
-# How the logits are computed (_logits) and how A @ v is (_attention_out_kernel).
-MMA_LOGITS = tl.constexpr(0)
-DOT_F32_LOGITS = tl.constexpr(1)
-LOOP_F32_LOGITS = tl.constexpr(2)
+# How the logits are computed (_logits, and A @ v in _attention_out_kernel): the LOGITS value of
+# a configuration (ints for the launcher, the same values as constexprs for the kernels).
+MMA, DOT_F32, LOOP_F32 = 0, 1, 2
+MMA_LOGITS = tl.constexpr(MMA)
+DOT_F32_LOGITS = tl.constexpr(DOT_F32)
+LOOP_F32_LOGITS = tl.constexpr(LOOP_F32)
 FP16_SCALE = 32768.0  # 2^15: float16 A * 2^15 <= 32768 stays normal down to A ~ 2^-29
 
 # Score strategies: what the combine kernel computes (KIND) and over heads (MEAN).
@@ -471,21 +473,25 @@ def _attention_score_kernel(
     tl.store(score_ptr + b * (n_tok - num_prefix) + (offs - num_prefix), result, mask=ok)
 
 
-def _config(dtype: torch.dtype, d: int, dv: int) -> dict:
-    """Tiles, warps and the way logits are computed for a problem, on this process's target
-    (a GPU, or the interpreter). benchmarks/triton_resources.py compiles every configuration
-    for sm_80 / sm_90 and CI fails on a spill; tests run each one through `config`."""
+def _config(dtype: torch.dtype, d: int, dv: int, interpreter: bool = INTERPRETER) -> dict:
+    """Tiles, warps and the way logits are computed for a problem, on a GPU or under the
+    interpreter. benchmarks/triton_resources.py compiles every GPU configuration for sm_80 /
+    sm_90 and CI fails on a spill; tests run each one through `config`."""
     block_d = next_pow2(d, 16)
     block_dv = next_pow2(dv, 16)
     widest = max(block_d, block_dv)
-    # Zero spills on sm_80 and sm_90 for each (the sweep is in benchmarks/NOTES.md).
-    if dtype == torch.float32:
-        logits = DOT_F32_LOGITS if INTERPRETER else LOOP_F32_LOGITS
-        # A @ v on FMA units holds BLOCK_N-long rows per thread: short key blocks.
+    if interpreter:
+        # numpy runs a tile op in about the same time for any tile size: large tiles make the
+        # CPU tests fast. The GPU configurations below run in tests through `config`.
+        logits = MMA if dtype == torch.float16 else DOT_F32  # its bfloat16 dot is wrong
+        block_m, block_n, warps = 128, 128, 4
+    elif dtype == torch.float32:
+        # A @ v on FMA units holds BLOCK_N-long rows per thread: short key blocks. Every GPU
+        # configuration has zero spills on sm_80 and sm_90 (benchmarks/NOTES.md).
+        logits = LOOP_F32
         block_m, block_n, warps = (32, 32, 4) if widest <= 64 else (32, 16, 4)
     else:
-        # The interpreter's bfloat16 dot is wrong: float32 tiles there, MMA tiles on a GPU.
-        logits = DOT_F32_LOGITS if dtype == torch.bfloat16 and INTERPRETER else MMA_LOGITS
+        logits = MMA
         if widest <= 64:
             block_m, block_n, warps = 64, 32, 4
         elif widest <= 128:
@@ -604,7 +610,7 @@ def launch_attention(
         _attention_out_kernel, grid_rows,
         q, k, v, log_sizes, stats[0], stats[1], tau, out, diag, cls_row, col, n_tok, d, dv,
         heads, num_qblocks, *q_strides, *k_strides, *v_strides, *ls_strides, *out.stride(),
-        float(scale), HAS_MASK=kk > 0, SPLIT_PV=cfg["LOGITS"] == MMA_LOGITS,
+        float(scale), HAS_MASK=kk > 0, SPLIT_PV=cfg["LOGITS"] == MMA,
         PV_SCALE=FP16_SCALE if q.dtype == torch.float16 else 1.0, NEED_DIAG=need_diag,
         NEED_COL=need_col, NEED_CLS=need_cls, OUT_BF16=q.dtype == torch.bfloat16,
         BLOCK_DV=cfg["BLOCK_DV"], **common,
