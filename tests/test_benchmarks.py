@@ -97,3 +97,53 @@ def test_bench_onnx_runs_and_checks_every_session():
     assert {"timm (unpatched)", "gtp, theta=0.6"} <= set(rows), rows.keys()
     assert rows["timm (unpatched)"][3] == "1.000x"
     assert out.count("ORT vs eager") == 2  # every session was checked before timing
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """Every markdown table row of a report: {first cell: cells}."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+@needs_cpu_ops
+def test_bench_attention_cpu():
+    out = _run(
+        "benchmarks/bench_attention.py",
+        "--batch", "2", "--heads", "2", "--dim", "16", "--tokens", "17", "--rounds", "1",
+    )  # fmt: skip
+    rows = _rows(out)
+    for name in ("sdpa (theta 1, no score)", "cpu theta 1, score none", "cpu theta 1",
+                 "cpu theta 0.6", "cpu theta 0.6, nth_element", "reference theta 0.6"):  # fmt: skip
+        assert name in rows, rows.keys()
+    assert rows["sdpa (theta 1, no score)"][3] == "1.00x"
+    assert "Tile-phase breakdown" in out and "theta 0.6" in rows
+    # without the interpreter and without a GPU, Triton's absence is reported, not hidden
+    assert "provider triton" in out
+
+
+@needs_cpu_ops
+def test_bench_propagate_cpu():
+    out = _run(
+        "benchmarks/bench_propagate.py",
+        "--batch", "2", "--grid", "4", "--channels", "16", "--num-prop", "2", "--k", "3",
+        "--rounds", "1",
+    )  # fmt: skip
+    rows = _rows(out)
+    assert {"reference", "cpu", "index_select (copy floor)"} <= set(rows), rows.keys()
+    assert rows["reference"][3] == "1.0x"
+
+
+@needs_cpu_ops
+def test_bench_build_graph_cpu():
+    out = _run(
+        "benchmarks/bench_build_graph.py",
+        "--batch", "2", "--height", "4", "--width", "4", "--channels", "16", "--k", "3",
+        "--num-prop", "2", "--rounds", "1", "--no-model",
+    )  # fmt: skip
+    rows = _rows(out)
+    for op in ("build_graph", "select_tokens"):
+        assert {f"{op} reference", f"{op} cpu"} <= set(rows), rows.keys()
