@@ -220,12 +220,48 @@ def test_build_info_reports_openmp():
     assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
 
 
-def test_info_command_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "gtp_kernels.info"], capture_output=True, text=True, check=True
+def _info_output(**env) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "gtp_kernels.info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT, **env),
     ).stdout
+
+
+def test_info_command_runs():
+    out = _info_output()
     assert "| propagate |" in out and "torch" in out
-    assert set(collect()["kernels"]) == set(OPS)
+    info = collect()
+    assert set(info["kernels"]) == set(OPS)
+    # The Triton column: what is registered in torch.ops.gtp_triton, op by op.
+    try:
+        import gtp_kernels.triton as gt
+
+        triton_ops = set(gt.OPS)
+    except ImportError:
+        triton_ops = set()
+    for op in OPS:
+        registered = hasattr(torch.ops.gtp_triton, op) if triton_ops else False
+        assert info["kernels"][op]["Triton"] == registered == (op in triton_ops), op
+        row = next(line for line in out.splitlines() if line.startswith(f"| {op} |"))
+        assert row.rstrip().endswith("| yes |" if op in triton_ops else "| - |"), row
+    # Where they run in this process (the main test invocation: no interpreter).
+    if not triton_ops:
+        assert info["triton_runs"].startswith("nowhere: gtp_kernels.triton does not import")
+    elif torch.cuda.is_available():
+        assert info["triton_runs"].startswith("on CUDA tensors")
+    else:
+        assert info["triton_runs"].startswith("nowhere in this process: ")
+        assert "no GPU" in info["triton_runs"] and "TRITON_INTERPRET=1" in info["triton_runs"]
+    assert f"Triton kernels run {info['triton_runs']}." in out
+
+
+def test_info_under_the_triton_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed")
+    out = _info_output(TRITON_INTERPRET="1")
+    assert "Triton kernels run on CPU tensors, under the Triton interpreter" in out
 
 
 def test_missing_backend_error_says_how_to_fix():
