@@ -220,7 +220,7 @@ def bench_shape(b, h, n, d, rounds, theta_sparse, device, dtype, backends, why_n
         f"\n### B={b} H={h} N={n} d={d} {dname}, timm qkv strides, score={score}, M={m}, "
         f"{device.type}\n"
     )
-    print(f"sdpa: {sdpa_kind}")
+    print(f"# sdpa: {sdpa_kind}")
     for line in devices.notes("attention", device, backends, why_not):
         print(line)
     print()
