@@ -30,6 +30,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import multiprocessing
 import os
 import re
@@ -222,17 +223,20 @@ def specialization(launch, arch: int) -> tuple[dict, dict, dict, dict]:
 
 
 def _key(launch) -> tuple:
-    """What makes two launches one compilation (the same on every architecture)."""
-    options, signature, constexprs, attrs = specialization(launch, ARCHS[-1])
-    return (
-        launch.kernel.fn.__module__,
-        launch.kernel.fn.__name__,
-        repr(sorted(signature.items())),
-        repr(sorted(constexprs.items(), key=repr)),
-        repr(sorted(attrs.items(), key=repr)),
-        launch.num_warps,
-        launch.num_stages,
-    )
+    """What makes two launches one compilation: the kernel and its specialization for every
+    architecture (signature, constants, attributes, options such as warps and stages)."""
+    specs = []
+    for arch in ARCHS:
+        options, signature, constexprs, attrs = specialization(launch, arch)
+        specs.append(
+            (
+                repr(sorted(signature.items())),
+                repr(sorted(constexprs.items(), key=repr)),
+                repr(sorted(attrs.items(), key=repr)),
+                repr(sorted(options.__dict__.items())),
+            )
+        )
+    return (launch.kernel.fn.__module__, launch.kernel.fn.__name__, tuple(specs))
 
 
 def record(ops: list[str]) -> dict[tuple, Config]:
@@ -241,7 +245,7 @@ def record(ops: list[str]) -> dict[tuple, Config]:
 
     configs: dict[tuple, Config] = {}
     for op in ops:
-        launcher = getattr(__import__(f"gtp_kernels.triton.{op}", fromlist=[op]), op)
+        launcher = getattr(importlib.import_module(f"gtp_kernels.triton.{op}"), op)
         for problem in PROBLEMS:
             if problem.attention_only and op != "attention":
                 continue

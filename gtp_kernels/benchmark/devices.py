@@ -23,14 +23,14 @@ PROVIDERS = ("reference", "cpu", "cuda", "triton")
 
 
 def providers(op: str, device: torch.device, wanted=PROVIDERS) -> tuple[list[str], dict]:
-    """(the backends in `wanted` that run `op` on `device` tensors here, {backend: why not} for
-    the others that concern this device: the compiled kernel of the device and Triton)."""
+    """(the backends that run `op` on `device` tensors here: "reference" always (the others are
+    checked against it), then those of `wanted` that run; {backend: why not} for the others of
+    `wanted` that concern this device: the device's compiled kernel and Triton)."""
     from gtp_kernels.ops import resolve_backend
 
-    ok, why_not = [], {}
+    ok, why_not = ["reference"], {}
     for backend in wanted:
         if backend == "reference":
-            ok.append(backend)
             continue
         if backend in ("cpu", "cuda") and backend != device.type:
             continue  # another device's kernel: not a provider for these tensors

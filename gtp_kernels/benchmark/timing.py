@@ -42,14 +42,14 @@ def ensure_malloc_env(enabled: bool = True, argv: list[str] | None = None) -> st
 
 def time_call(fn: Callable[[], object], iters: int = 1, device=None) -> float:
     """Seconds per call of fn, averaged over `iters` back-to-back calls. On a CUDA device the
-    calls are timed on the current stream with CUDA events (the host only queues the work):
-    from the start event, queued after whatever ran before, to the end event, which is waited
-    for."""
+    calls are timed on the current stream with CUDA events (the host only queues the work),
+    from an idle device (synchronised first) to the end event, which is waited for."""
     if _is_cuda(device):
         import torch
 
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
         start.record()
         for _ in range(iters):
             fn()
