@@ -1,15 +1,27 @@
-"""Benchmark gtp.attention (fused CPU kernel) against the reference and PyTorch SDPA.
+"""Benchmark gtp.attention (the compiled CPU / CUDA kernels and Triton) against the reference and
+PyTorch SDPA.
 
-DeiT-S shapes by default: B=64, H=6, d=64, N=197 (first block) and N=189 (after propagation),
-float32, q/k/v as timm makes them (strided views of one qkv projection). Providers run
-interleaved round by round (a shared machine drifts; every provider sees the same drift) and
-report the median of the rounds. Each provider is checked against the reference first.
+DeiT-S shapes by default: H=6, d=64, N=197 (first block) and N=189 (after propagation), batch
+64 on CPU and 256 on CUDA, float32, q/k/v as timm makes them (strided views of one qkv
+projection). Providers run interleaved round by round (a shared machine drifts; every provider
+sees the same drift) and report the median of the rounds; on CUDA each timing is CUDA events
+around enough calls to last ~20 ms, after warm-up. Each provider is checked against the
+reference first.
 
   python benchmarks/bench_attention.py [--rounds 9] [--tokens 197 189] [--batch 64]
+  python benchmarks/bench_attention.py --device cuda --dtype float16 --heads 12  # DeiT-B
+
+Providers: sdpa (torch.nn.functional.scaled_dot_product_attention on the same q, k, v: theta 1,
+no score; on CUDA in float16 / bfloat16 forced to FlashAttention, the "flash" baseline that
+"vs sdpa" divides by), then for every backend that runs here (cpu or cuda, triton, reference):
+theta 1 with score "none", theta 1 and theta --theta with score mixed_max. --providers picks a
+subset; a backend that cannot run is listed with the reason.
 
 FLOP floor: the two GEMMs of every (image, head) tile, QK^T and AV, are 2 * N * N * d MACs
 each, 4 * N^2 * d MACs = 8 * N^2 * d FLOP per tile; softmax, threshold and scores are O(N^2)
-per tile and not counted. "GFLOP/s" below is that floor divided by the measured time.
+per tile and not counted. The rates below are that floor divided by the measured time. Byte
+floor (CUDA table): q, k, v read and out written once, plus the score written (and log sizes
+read) where a provider has them.
 """
 
 from __future__ import annotations
@@ -24,24 +36,28 @@ import time
 import torch
 
 import gtp_kernels.ops  # noqa: F401  (fake kernel, autograd)
-from gtp_kernels._extension import has_kernel
-from gtp_kernels.benchmark.timing import alternating, ensure_malloc_env, markdown_table
-from gtp_kernels.reference import attention as ref_attention
+from gtp_kernels.benchmark import devices
+from gtp_kernels.benchmark.timing import alternating, calibrate, ensure_malloc_env, markdown_table
 
 PHASES = ("pack", "qk", "softmax", "select", "mask_scores", "av")
+SDPA = "sdpa (theta 1, no score)"
+# Agreement with the reference: float32 to float rounding; float16 / bfloat16 outputs are
+# rounded once from float32 (the reference computes in float32 too).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def timm_qkv(b, h, n, d):
-    qkv = torch.randn(b, n, 3, h, d)
+def timm_qkv(b, h, n, d, device="cpu", dtype=torch.float32):
+    qkv = torch.randn(b, n, 3, h, d).to(device, dtype)
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def check(name, got, want):
+def check(name, got, want, dtype=torch.float32):
     """Agreement with the reference. A probability within float rounding of the threshold can
     be masked by one and kept by the other, so a tiny fraction of outputs may differ."""
     out, score = got
     ref_out, ref_score = want
-    close = torch.isclose(out, ref_out, atol=1e-5, rtol=1e-5).float().mean().item()
+    tol = TOL[dtype]
+    close = torch.isclose(out.float(), ref_out.float(), atol=tol, rtol=tol).float().mean().item()
     if close < 0.999:
         raise SystemExit(f"{name}: only {close:.4%} of outputs match the reference")
     if score.numel():
@@ -106,63 +122,110 @@ def gemm_floor(b, h, n, d, reps=200):
     return best * b * h / threads
 
 
-def bench_shape(b, h, n, d, rounds, theta_sparse):
+def sdpa_call(q, k, v, scale):
+    """SDPA on q, k, v and a description of the kernel it runs. On CUDA in float16 / bfloat16
+    it is forced to FlashAttention (an error if that cannot run: the baseline must be what
+    it says); elsewhere torch picks."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return sdpa(q, k, v, scale=scale)
+
+        return flash, "FlashAttention (SDPBackend.FLASH_ATTENTION)"
+    return (lambda: sdpa(q, k, v, scale=scale)), "torch's default SDPA backend"
+
+
+def bench_shape(b, h, n, d, rounds, theta_sparse, device, dtype, backends, why_not, ceil):
     torch.manual_seed(0)
-    q, k, v = timm_qkv(b, h, n, d)
+    q, k, v = timm_qkv(b, h, n, d, device, dtype)
     log_sizes = None  # sizes all 1 at the first block; the log term costs one add per logit
     scale = d**-0.5
     m, score = 1, "mixed_max"
     flops = 8 * n * n * d * b * h
+    elt = q.element_size()
+    qkvo_bytes = 4 * b * h * n * d * elt
+    score_bytes = b * (n - m) * 4
 
-    def op(theta, s=score):
-        return lambda: torch.ops.gtp.attention(q, k, v, log_sizes, scale, theta, m, s)
+    def run(backend, theta, s=score):
+        fn = devices.op_function("attention", backend)
+        return lambda: fn(q, k, v, log_sizes, scale, theta, m, s)
 
-    def ref(theta):
-        return lambda: ref_attention(q, k, v, log_sizes, scale, theta, m, score)
-
-    sdpa = "sdpa (theta 1, no score)"
-    providers = {  # name: (fn, theta)
-        sdpa: (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), 1.0)
-    }
-    if has_kernel("attention", "CPU"):
-        providers["cpu theta 1, score none"] = (op(1.0, "none"), 1.0)
-        providers["cpu theta 1"] = (op(1.0), 1.0)
-        providers[f"cpu theta {theta_sparse}"] = (op(theta_sparse), theta_sparse)
-        providers[f"cpu theta {theta_sparse}, nth_element"] = (
-            with_env("GTP_ATTENTION_SELECT", "nth_element", op(theta_sparse)),
+    sdpa_fn, sdpa_kind = sdpa_call(q, k, v, scale)
+    providers = {SDPA: (sdpa_fn, 1.0, 0)}  # name: (fn, theta, score bytes)
+    for backend in backends:
+        if backend == "reference":
+            continue
+        providers[f"{backend} theta 1, score none"] = (run(backend, 1.0, "none"), 1.0, 0)
+        providers[f"{backend} theta 1"] = (run(backend, 1.0), 1.0, score_bytes)
+        providers[f"{backend} theta {theta_sparse}"] = (
+            run(backend, theta_sparse),
             theta_sparse,
+            score_bytes,
         )
-    providers["reference theta 1"] = (ref(1.0), 1.0)
-    providers[f"reference theta {theta_sparse}"] = (ref(theta_sparse), theta_sparse)
+        if backend == "cpu":
+            providers[f"cpu theta {theta_sparse}, nth_element"] = (
+                with_env("GTP_ATTENTION_SELECT", "nth_element", run("cpu", theta_sparse)),
+                theta_sparse,
+                score_bytes,
+            )
+    providers["reference theta 1"] = (run("reference", 1.0), 1.0, score_bytes)
+    providers[f"reference theta {theta_sparse}"] = (
+        run("reference", theta_sparse),
+        theta_sparse,
+        score_bytes,
+    )
 
     # correctness first
-    want = {1.0: ref(1.0)(), theta_sparse: ref(theta_sparse)()}
-    check(sdpa, (providers[sdpa][0](), torch.empty(0)), want[1.0])
-    for name, (fn, theta) in providers.items():
-        if name.startswith("cpu"):
-            check(name, fn(), want[theta])
+    want = {1.0: run("reference", 1.0)(), theta_sparse: run("reference", theta_sparse)()}
+    check(SDPA, (sdpa_fn(), torch.empty(0)), want[1.0], dtype)
+    for name, (fn, theta, _) in providers.items():
+        if not name.startswith(("reference", "sdpa")):
+            check(name, fn(), want[theta], dtype)
 
+    fns = {k_: f for k_, (f, _, _) in providers.items()}
+    iters = 1
     with torch.inference_mode():
-        times = alternating({k_: f for k_, (f, _) in providers.items()}, rounds=rounds, warmup=1)
+        if device.type == "cuda":
+            for fn in fns.values():  # warm-up: compilation, autotuning caches, allocator
+                fn()
+            iters = {name: calibrate(fn, device) for name, fn in fns.items()}
+        times = alternating(fns, rounds=rounds, warmup=1, iters=iters, device=device)
     med = {name: statistics.median(t) for name, t in times.items()}
-    base = med[sdpa]
+    base = med[SDPA]
     rows = []
     for name, t in times.items():
         ref_t = med[f"reference theta {providers[name][1]:g}"]
-        rows.append(
-            [
-                name,
-                f"{1e3 * med[name]:.1f}",
-                f"{(max(t) - min(t)) / med[name]:.0%}",
-                f"{med[name] / base:.2f}x",
-                f"{ref_t / med[name]:.1f}x",
-                f"{flops / med[name] / 1e9:.0f}",
-            ]
-        )
-    header = ["provider", "ms (median)", "spread", "vs sdpa", "speed-up vs reference", "GFLOP/s"]
-    print(f"\n### B={b} H={h} N={n} d={d} float32, timm qkv strides, score={score}, M={m}\n")
+        row = [
+            name,
+            f"{1e3 * med[name]:.3f}",
+            f"{(max(t) - min(t)) / med[name]:.0%}",
+            f"{med[name] / base:.2f}x",
+            f"{ref_t / med[name]:.1f}x",
+        ]
+        if device.type == "cuda":
+            row += ceil.cells(flops, qkvo_bytes + providers[name][2], med[name])
+        else:
+            row.append(f"{flops / med[name] / 1e9:.0f}")
+        rows.append(row)
+    header = ["provider", "ms (median)", "spread", "vs sdpa", "speed-up vs reference"]
+    if device.type == "cuda":
+        header += ["TFLOP/s (% of peak)", "GB/s (% of peak)"]
+    else:
+        header.append("GFLOP/s")
+    dname = str(dtype).removeprefix("torch.")
+    print(
+        f"\n### B={b} H={h} N={n} d={d} {dname}, timm qkv strides, score={score}, M={m}, "
+        f"{device.type}\n"
+    )
+    print(f"# sdpa: {sdpa_kind}")
+    for line in devices.notes("attention", device, backends, why_not):
+        print(line)
+    print()
     print(markdown_table(header, rows))
-    if "cpu theta 1" in med:
+    if device.type == "cpu" and "cpu theta 1" in med:
         t1, ts = med["cpu theta 1"], med[f"cpu theta {theta_sparse}"]
         floor = gemm_floor(b, h, n, d)
         print(
@@ -177,7 +240,7 @@ def bench_shape(b, h, n, d, rounds, theta_sparse):
         )
         brows = []
         for theta in (1.0, theta_sparse):
-            ph = breakdown(op(theta))
+            ph = breakdown(run("cpu", theta))
             total = sum(ph.values())
             brows.append(
                 [f"theta {theta}"]
@@ -191,22 +254,45 @@ def bench_shape(b, h, n, d, rounds, theta_sparse):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(devices.DTYPES))
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on cpu, 256 on cuda")
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--tokens", type=int, nargs="+", default=[197, 189])
     p.add_argument("--theta", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=list(devices.PROVIDERS),
+        choices=devices.PROVIDERS,
+        help="backends to time besides sdpa (default: every one that runs here; the "
+        "reference always runs, it is what the others are checked against)",
+    )
+    p.add_argument("--ceiling", action="store_true", help="measure the device's ceilings")
     args = p.parse_args()
     alloc = ensure_malloc_env()
+    device = torch.device(args.device)
+    dtype = devices.DTYPES[args.dtype]
+    batch = args.batch or (256 if device.type == "cuda" else 64)
+    backends, why_not = devices.providers("attention", device, args.providers)
+    ceil = None
+    if device.type == "cuda":
+        ceil = devices.ceilings(device, dtype, measured=args.ceiling)
     print(
-        f"# gtp.attention benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads. Timings on a shared machine are noisy: medians of {args.rounds} "
-        f"interleaved rounds; compare ratios within one run. Allocator: {alloc}.",
+        f"# gtp.attention benchmark: {devices.describe(device)}. Timings on a shared machine "
+        f"are noisy: medians of {args.rounds} interleaved rounds; compare ratios within one "
+        f"run. Allocator: {alloc}.",
         file=sys.stdout,
     )
+    if ceil is not None:
+        print(f"# ceilings: {ceil.source}")
     for n in args.tokens:
-        bench_shape(args.batch, args.heads, n, args.dim, args.rounds, args.theta)
+        bench_shape(
+            batch, args.heads, n, args.dim, args.rounds, args.theta, device, dtype, backends,
+            why_not, ceil,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -101,6 +101,67 @@ def test_cuda_kernels_have_no_stack_or_local_memory():
     assert {"sm_80", "sm_90"} <= archs, f"architectures in the build: {archs}"
 
 
+def _triton_resources():
+    """benchmarks/triton_resources.py as a module (its problems and input builders)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    path = os.path.join(ROOT, "benchmarks", "triton_resources.py")
+    spec = spec_from_file_location("triton_resources", path)
+    module = module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_triton_gate_inputs_are_the_ops_inputs():
+    """The compile gate's input builders give valid arguments of every op (its fake kernel
+    accepts them), whether or not the op has a Triton kernel yet."""
+    pytest.importorskip("triton", reason="triton is not installed (the gate needs it)")
+    import importlib
+
+    fakes = {
+        op: getattr(importlib.import_module(f"gtp_kernels.ops.{op}"), f"{op}_fake") for op in OPS
+    }
+    gate = _triton_resources()
+    assert set(gate.BUILDERS) == set(OPS)
+    for op, build in gate.BUILDERS.items():
+        calls = 0
+        for problem in gate.PROBLEMS:
+            if problem.attention_only and op != "attention":
+                continue
+            for dtype in gate.DTYPES:
+                for args in build(problem, dtype):
+                    fakes[op](*args)
+                    calls += 1
+        assert calls > 0, op
+
+
+def test_triton_compile_gate():
+    """Every Triton kernel, in every configuration its launcher picks for the patched models of
+    benchmarks/triton_resources.py, compiles for sm_80 and sm_90 without stack, local memory or
+    more shared memory than an A100 has (`--check`; no GPU). It fails too when an op in
+    gtp_kernels.triton.OPS has no input builder there."""
+    pytest.importorskip("triton", reason="triton is not installed (the gate needs it)")
+    import gtp_kernels.triton as gt
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "triton_resources.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-8000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| `")]
+    kernels = {row[1].strip().strip("`") for row in rows}
+    archs = {row[4].strip() for row in rows}
+    for op in gt.OPS:
+        assert any(k.startswith(f"{op}.") for k in kernels), f"no {op} kernel compiled: {kernels}"
+    assert archs == {"sm_80", "sm_90"}, archs
+
+
 SPILLING = {
     # registers spilled: a large live set under a 32-register budget
     "spill": """
@@ -159,12 +220,48 @@ def test_build_info_reports_openmp():
     assert info["openmp"], "built without OpenMP: at::parallel_for would run on one thread"
 
 
-def test_info_command_runs():
-    out = subprocess.run(
-        [sys.executable, "-m", "gtp_kernels.info"], capture_output=True, text=True, check=True
+def _info_output(**env) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "gtp_kernels.info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT, **env),
     ).stdout
+
+
+def test_info_command_runs():
+    out = _info_output()
     assert "| propagate |" in out and "torch" in out
-    assert set(collect()["kernels"]) == set(OPS)
+    info = collect()
+    assert set(info["kernels"]) == set(OPS)
+    # The Triton column: what is registered in torch.ops.gtp_triton, op by op.
+    try:
+        import gtp_kernels.triton as gt
+
+        triton_ops = set(gt.OPS)
+    except ImportError:
+        triton_ops = set()
+    for op in OPS:
+        registered = hasattr(torch.ops.gtp_triton, op) if triton_ops else False
+        assert info["kernels"][op]["Triton"] == registered == (op in triton_ops), op
+        row = next(line for line in out.splitlines() if line.startswith(f"| {op} |"))
+        assert row.rstrip().endswith("| yes |" if op in triton_ops else "| - |"), row
+    # Where they run in this process (the main test invocation: no interpreter).
+    if not triton_ops:
+        assert info["triton_runs"].startswith("nowhere: gtp_kernels.triton does not import")
+    elif torch.cuda.is_available():
+        assert info["triton_runs"].startswith("on CUDA tensors")
+    else:
+        assert info["triton_runs"].startswith("nowhere in this process: ")
+        assert "no GPU" in info["triton_runs"] and "TRITON_INTERPRET=1" in info["triton_runs"]
+    assert f"Triton kernels run {info['triton_runs']}." in out
+
+
+def test_info_under_the_triton_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed")
+    out = _info_output(TRITON_INTERPRET="1")
+    assert "Triton kernels run on CPU tensors, under the Triton interpreter" in out
 
 
 def test_missing_backend_error_says_how_to_fix():

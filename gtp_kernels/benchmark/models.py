@@ -26,19 +26,45 @@ def add_model_arguments(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def default_backends() -> list[str]:
-    """reference, and cpu when this build has a CPU kernel for every op."""
-    from gtp_kernels._extension import has_kernel
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and in which dtype."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
-    backends = ["reference"]
-    if all(has_kernel(op, "CPU") for op in OPS):
-        backends.append("cpu")
-    return backends
+
+def _candidates(device: torch.device) -> list[str]:
+    # Triton on CPU tensors runs only under the interpreter, far too slow for a whole model:
+    # never a default there (ask for it with --backends triton).
+    return ["cpu"] if device.type == "cpu" else [device.type, "triton"]
+
+
+def missing_backends(device: torch.device | str = "cpu") -> dict[str, str]:
+    """{backend: why it is not a default on `device`} for the device's compiled kernels and,
+    on CUDA, Triton: the first op it cannot run, and why."""
+    from gtp_kernels.benchmark.devices import providers
+
+    device = torch.device(device)
+    why_not = {}
+    for backend in _candidates(device):
+        for op in OPS:
+            _, missing = providers(op, device, (backend,))
+            if backend in missing:
+                why_not[backend] = missing[backend]
+                break
+    return why_not
+
+
+def default_backends(device: torch.device | str = "cpu") -> list[str]:
+    """reference, and every backend that has a kernel for every op on `device` tensors: the
+    device's compiled kernels (cpu / cuda) and, on CUDA, triton."""
+    missing = missing_backends(device)
+    return ["reference"] + [b for b in _candidates(torch.device(device)) if b not in missing]
 
 
 def model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
     """The unpatched timm model (eval, seeded random weights unless --pretrained) and a seeded
-    random input batch of its image size."""
+    random input batch of its image size, on args.device in args.dtype (when the script has
+    add_device_arguments; else CPU, float32)."""
     import timm
 
     if args.threads:
@@ -49,7 +75,9 @@ def model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Te
         kwargs["depth"] = args.depth
     base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
     x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
-    return base, x
+    device = torch.device(getattr(args, "device", "cpu"))
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    return base.to(device, dtype), x.to(device, dtype)
 
 
 def patched_copy(

@@ -1,4 +1,5 @@
-"""Timing helpers: allocator control, alternating rounds, medians, markdown tables.
+"""Timing helpers: allocator control, alternating rounds (host clock, or CUDA events on a GPU),
+medians, markdown tables.
 
 CPU timings of big models move by up to 15% with glibc malloc's page faults: freed large blocks
 go back to the kernel (mmap / trim) and come back as fresh zeroed pages on the next forward.
@@ -39,30 +40,59 @@ def ensure_malloc_env(enabled: bool = True, argv: list[str] | None = None) -> st
     return f"{alloc}, {settings}"
 
 
-def time_call(fn: Callable[[], object], iters: int = 1) -> float:
-    """Seconds per call of fn, averaged over `iters` back-to-back calls."""
-    start = time.perf_counter()
+def time_call(fn: Callable[[], object], iters: int = 1, device=None) -> float:
+    """Seconds per call of fn, averaged over `iters` back-to-back calls. On a CUDA device the
+    calls are timed on the current stream with CUDA events (the host only queues the work),
+    from an idle device (synchronised first) to the end event, which is waited for."""
+    if _is_cuda(device):
+        import torch
+
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    start_s = time.perf_counter()
     for _ in range(iters):
         fn()
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start_s) / iters
+
+
+def _is_cuda(device) -> bool:
+    """device: None (the host), "cpu" / "cuda" or a torch.device."""
+    return device is not None and str(device).startswith("cuda")
+
+
+def calibrate(fn: Callable[[], object], device=None, target: float = 0.02, most: int = 1000) -> int:
+    """Calls per timing so that one timing lasts about `target` seconds (at least 1): on a GPU
+    a single call of a small kernel is a few microseconds, below what events resolve well."""
+    once = time_call(fn, 1, device)
+    return max(1, min(most, round(target / max(once, 1e-9))))
 
 
 def alternating(
     fns: dict[str, Callable[[], object]],
     rounds: int,
     warmup: int = 1,
-    iters: int = 1,
+    iters: int | dict[str, int] = 1,
     progress: bool = True,
+    device=None,
 ) -> dict[str, list[float]]:
     """Time every fn once per round, interleaved (a, b, c, a, b, c, ...), so slow drifts of a
-    shared machine hit every variant alike. Returns seconds per call, one entry per round."""
+    shared machine hit every variant alike. Returns seconds per call, one entry per round.
+    iters: calls per timing, for all fns or per name; device: as time_call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
-            times[name].append(time_call(fn, iters))
+            n = iters.get(name, 1) if isinstance(iters, dict) else iters
+            times[name].append(time_call(fn, n, device))
         if progress:
             done = ", ".join(f"{n} {1e3 * statistics.median(t):.1f} ms" for n, t in times.items())
             print(f"  round {r + 1}/{rounds}: median so far {done}", file=sys.stderr, flush=True)
