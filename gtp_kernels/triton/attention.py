@@ -26,12 +26,13 @@ the threshold is the exact kk-th smallest of the very probabilities that are mas
 own float32 values, not the reference's; they agree to float32 rounding).
 
 Precision: the logits accumulate in float32 (tensor-core MMA with float32 accumulation for
-float16 / bfloat16 q, k; float32 FMA for float32 inputs: input_precision="ieee", never TF32).
+float16 / bfloat16 q, k; float32 fused multiply-adds for float32 inputs, never TF32).
 A @ v for float16 / bfloat16 v splits A into two halves in v's dtype (hi + lo, with float16 A
 scaled by 2^15 first so that small probabilities stay normal), two MMAs: float32-accurate
-probabilities times v, the error of the reference that upcasts to float32. The Triton
-interpreter computes bfloat16 dots wrongly (GPU_NOTES.md), so under the interpreter bfloat16
-tiles are upcast and multiplied in float32 (same values: bf16 products are exact in float32).
+probabilities times v, the error of the reference that upcasts to float32. float32 A @ v runs
+as three TF32 products (tf32x3, ~2^-21 relative; see PV_PRECISION). The Triton interpreter
+computes bfloat16 dots wrongly (GPU_NOTES.md), so under the interpreter bfloat16 tiles are
+upcast and multiplied in float32 (same values: bf16 products are exact in float32).
 
 Non-finite values follow the project's rule (the reference's docstring): a row whose logits
 hold NaN or +inf, or are all -inf, is NaN in the whole row; NaN entries are never zeroed and a
@@ -71,6 +72,10 @@ MMA, DOT_F32, LOOP_F32 = 0, 1, 2
 MMA_LOGITS = tl.constexpr(MMA)
 DOT_F32_LOGITS = tl.constexpr(DOT_F32)
 LOOP_F32_LOGITS = tl.constexpr(LOOP_F32)
+# float32 A @ v: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), float32-accurate
+# to ~2^-21 relative. A float32 dot on FMA units ("ieee") spilled 8-16 B in some JIT
+# specializations of every tile tried. The interpreter ignores the setting (numpy float32).
+PV_PRECISION = tl.constexpr("tf32x3")
 FP16_SCALE = 32768.0  # 2^15: float16 A * 2^15 <= 32768 stays normal down to A ~ 2^-29
 
 # Score strategies: what the combine kernel computes (KIND) and over heads (MEAN).
@@ -387,7 +392,7 @@ def _attention_out_kernel(
             acc += tl.dot(hi, v)
             acc += tl.dot(lo, v)
         else:
-            acc += tl.dot(a, v.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(a, v.to(tl.float32), input_precision=PV_PRECISION)
         if NEED_DIAG:
             on_diag = offs_m[:, None] == offs_n[None, :]
             diag += tl.sum(tl.where(on_diag, a, 0.0), axis=1)
@@ -486,10 +491,10 @@ def _config(dtype: torch.dtype, d: int, dv: int, interpreter: bool = INTERPRETER
         logits = MMA if dtype == torch.float16 else DOT_F32  # its bfloat16 dot is wrong
         block_m, block_n, warps = 128, 128, 4
     elif dtype == torch.float32:
-        # A @ v on FMA units holds BLOCK_N-long rows per thread: short key blocks. Every GPU
-        # configuration has zero spills on sm_80 and sm_90 (benchmarks/NOTES.md).
+        # Every GPU configuration has zero spills on sm_80 and sm_90
+        # (benchmarks/triton_resources.py --check, in CI).
         logits = LOOP_F32
-        block_m, block_n, warps = (32, 32, 4) if widest <= 64 else (32, 16, 4)
+        block_m, block_n, warps = 32, 16, 4
     else:
         logits = MMA
         if widest <= 64:

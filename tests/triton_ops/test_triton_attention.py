@@ -39,8 +39,7 @@ CONFIGS = {
     "mma_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4),
     "mma_d128": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8),
     "mma_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8),
-    "f32_loop_d64": dict(BLOCK_M=32, BLOCK_N=32, LOGITS=2),
-    "f32_loop_d128": dict(BLOCK_M=32, BLOCK_N=16, LOGITS=2),
+    "f32_loop": dict(BLOCK_M=32, BLOCK_N=32, LOGITS=2),
     "f32_dot": dict(BLOCK_M=32, BLOCK_N=32, LOGITS=1),
 }
 
@@ -140,7 +139,7 @@ def _rank_property(q, k, ls, scale, theta, config=None):
     assert torch.equal(a, expected), "the mask is not where(P < tau, 0, P) of the kernel's P"
 
 
-@pytest.mark.parametrize("config", [None, "f32_loop_d64"])
+@pytest.mark.parametrize("config", [None, "f32_loop"])
 @pytest.mark.parametrize("theta", [0.9, 0.6, 0.3])
 def test_threshold_rank_property(theta, config):
     torch.manual_seed(7)
