@@ -15,11 +15,11 @@ sum runs in slot order, the reference's order):
    (surviving slots compacted in slot order by a cumsum over the tile, -1 / 0 padding) and
    ranks the absorbing slots (a valid neighbour that is not kept) of each row. Then, channel
    block by channel block, it loops over the absorbing slots only (the t-th of every row at
-   step t, as many steps as the most any row of the tile has: ~0.65 absorbing slots a row
-   for DeiT at P = 8, W = 16), gathers w * x[neighbour] into a float32 accumulator and
-   writes x_i + alpha * acc, rounded once to x's dtype. A row that absorbs nothing (a prefix
-   row, a kept row whose neighbours all survive, every row when alpha == 0) stores the x_i it
-   loaded: a bit-for-bit copy. sizes go the same way, once a program.
+   step t, as many steps as the most any row of the tile has; P W / n = 0.65 absorbing slots
+   a row on average for DeiT at P = 8, W = 16), gathers w * x[neighbour] into a float32
+   accumulator and writes x_i + alpha * acc, rounded once to x's dtype. A row that absorbs
+   nothing (a prefix row, a kept row whose neighbours all survive, every row when alpha == 0)
+   stores the x_i it loaded: a bit-for-bit copy. sizes go the same way, once a program.
 
 Memory: x is read once (kept and prefix rows, plus the absorbed propagated rows, which the
 programs of one image share through L2), x_out written once, the graph rows of the kept tokens
@@ -238,48 +238,56 @@ def _propagate_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """A block shape of _propagate_kernel: ROWS output rows x BLOCK_C channels a program."""
+    """A program of _propagate_kernel: ROWS output rows, their graph rows as one
+    [ROWS, BLOCK_W] tile, their channels in blocks of BLOCK_C, on num_warps warps."""
 
     rows: int
     block_c: int
+    block_w: int
     num_warps: int
 
 
-# 4096 elements a program (16 float32 accumulators a thread with 8 warps); channel blocks of
-# 32 to 256, so that DeiT's C = 384 and 768 split into whole blocks (3 x 128, 3 x 256).
-CONFIGS = (
-    Config(rows=4, block_c=256, num_warps=4),
-    Config(rows=8, block_c=128, num_warps=4),
-    Config(rows=16, block_c=64, num_warps=4),
-    Config(rows=32, block_c=32, num_warps=4),
-)
-MAP_BLOCK = 1024  # elements a step of _position_map_kernel (4 warps, 8 a thread)
+# Channel blocks, so that DeiT's C = 384 and 768 split into whole blocks (3 x 128, 3 x 256).
+BLOCK_CS = (256, 128, 64, 32)
+# Tiles of a program: at most 1024 x elements and 128 graph slots, at least 8 x elements a
+# thread (one 16-byte vector of float16) on 1 to 4 warps. Larger tiles, or threads with fewer
+# elements (ptxas then spills a register to reach full occupancy), spill on sm_80 or sm_90 in
+# some configs (benchmarks/notes_triton_propagate.md).
+X_TILE = 1024
+GRAPH_TILE = 128
+X_PER_THREAD = 8
+MAP_BLOCK = 1024  # index entries a program of _position_map_kernel checks (8 a thread)
+# Graph slots a row (8 + K for the mixed graph): a row's slots are one tile, which spills on
+# sm_80 beyond 256 (512 slots: 8 bytes of stack).
+MAX_WIDTH = 256
 
 # Output rows are numbered in int32 (row * ROWS + offset never overflows below this).
-_MAX_ROWS = 2**31 - 1 - max(cfg.rows for cfg in CONFIGS)
+_MAX_ROWS = 2**31 - 1 - X_TILE // min(BLOCK_CS)
 
-_forced: Config | None = None
+_forced_block_c: int | None = None
 
 
-def choose_config(channels: int) -> Config:
-    """The config with the fewest padded channels (ceil(C / BLOCK_C) BLOCK_C); on a tie the
-    wider block (fewer programs, each row's channels in fewer pieces)."""
-    if _forced is not None:
-        return _forced
-    return min(
-        CONFIGS, key=lambda cfg: (triton.cdiv(channels, cfg.block_c) * cfg.block_c, -cfg.block_c)
-    )
+def choose_config(channels: int, width: int) -> Config:
+    """BLOCK_C: the fewest padded channels (ceil(C / BLOCK_C) BLOCK_C), on a tie the wider
+    block (each row's channels in fewer pieces); ROWS: as many as both tiles allow; warps: as
+    many as keep 8 x elements a thread."""
+    block_w = next_pow2(width)
+    block_c = _forced_block_c or min(BLOCK_CS, key=lambda bc: (triton.cdiv(channels, bc) * bc, -bc))
+    rows = max(1, min(X_TILE // block_c, GRAPH_TILE // block_w))
+    warps = max(1, rows * block_c // (32 * X_PER_THREAD))
+    return Config(rows=rows, block_c=block_c, block_w=block_w, num_warps=warps)
 
 
 @contextlib.contextmanager
-def force_config(config: Config):
-    """Make the launcher use `config` whatever the shape (for tests of every config)."""
-    global _forced
-    saved, _forced = _forced, config
+def force_block_c(block_c: int):
+    """Make the launcher take channel blocks of `block_c` whatever C (tests of every config)."""
+    global _forced_block_c
+    assert block_c in BLOCK_CS, block_c
+    saved, _forced_block_c = _forced_block_c, block_c
     try:
         yield
     finally:
-        _forced = saved
+        _forced_block_c = saved
 
 
 def _host_may_read(x: torch.Tensor) -> bool:
@@ -302,8 +310,8 @@ def propagate(
     gtp::propagate (gtp_kernels/reference/propagate.py is the definition).
 
     Args:
-        x: (B, N, C) float32 / float16 / bfloat16, any strides; M = num_prefix prefix tokens,
-            then n = N - M image tokens.
+        x: (B, N, C) float32 / float16 / bfloat16, any strides (copied first when the channel
+            stride is not 1); M = num_prefix prefix tokens, then n = N - M image tokens.
         index: (B, n, W) int32 neighbours, -1 for an empty slot. weight: (B, n, W) float32.
         keep: (B, n - P) int64 distinct kept image positions, in output order.
         alpha: finite; 0 is plain pruning. num_prefix: M, 0 <= M <= N.
@@ -335,6 +343,11 @@ def propagate(
     if b == 0 or rows_out == 0:
         return x_out, sizes_out, index_out, weight_out
 
+    if width > MAX_WIDTH:
+        raise ValueError(
+            f"gtp.{_OP}: the Triton kernel takes index with at most {MAX_WIDTH} slots a row "
+            f"(W = 8 + K), got {width}; backend='cpu', 'cuda' or 'reference' take any W"
+        )
     if b * rows_out > _MAX_ROWS:
         raise ValueError(
             f"gtp.{_OP}: the Triton kernel takes at most {_MAX_ROWS} output rows "
@@ -367,7 +380,7 @@ def propagate(
             BLOCK=MAP_BLOCK,
         )
 
-    cfg = choose_config(channels)
+    cfg = choose_config(channels, width)
     launch(
         _propagate_kernel,
         (triton.cdiv(b * rows_out, cfg.rows),),
@@ -398,7 +411,7 @@ def propagate(
         IS_BF16=is_bf16(x),
         ROWS=cfg.rows,
         BLOCK_C=cfg.block_c,
-        BLOCK_W=next_pow2(width),
+        BLOCK_W=cfg.block_w,
     )
     if n > 0 and _host_may_read(x) and bool(bad.any()):
         # The flags only say that an entry is bad; the reference's checks say which, in the

@@ -27,7 +27,7 @@ def on_device(args):
     return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def triton(*args):
+def run_triton(*args):
     """The Triton op through the public wrapper on DEVICE, outputs back on the CPU."""
     return tuple(t.cpu() for t in ops.propagate(*on_device(args), backend="triton"))
 
@@ -36,7 +36,7 @@ def check_against_reference(args, name):
     """x_out within the dtype's tolerance of the reference run in the same dtype; sizes_out
     within float32's; the graph exactly. For float16 / bfloat16 also: the kernel's error
     against a float64 run is at most twice the reference's."""
-    got = triton(*args)
+    got = run_triton(*args)
     want = reference.propagate(*args)
     dtype = args[0].dtype
     assert got[0].dtype == dtype and got[0].is_contiguous(), name
@@ -72,7 +72,7 @@ def test_bad_inputs(case):
 def test_rejects_float64():
     args = tp._sample("grid3x3_cls", torch.float64)
     with pytest.raises(ValueError, match="the Triton backend takes x as float32, float16 or"):
-        triton(*args)
+        run_triton(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
@@ -113,7 +113,7 @@ def test_twice_equals_reference_composition():
         keep2 = tp.random_keep(args[0].shape[0], args[3].shape[1], 4, gen=torch.Generator())
         return fn(x1, i1, w1, keep2, args[4], args[5], s1)
 
-    tp._compare(two_steps(triton), two_steps(reference.propagate), TOL[torch.float32], "twice")
+    tp._compare(two_steps(run_triton), two_steps(reference.propagate), TOL[torch.float32], "twice")
 
 
 def test_backward_matches_reference():
@@ -165,12 +165,16 @@ def test_random_low_precision(dtype):
 
 
 def test_every_config():
-    # C = 300 is a whole number of blocks for none of them (a tail block each), 2 * (2 + 40)
-    # output rows not a multiple of any ROWS.
-    args = tp.make_case(2, 2, 48, 300, 16, 8, layout="strided", seed=7)
-    for cfg in kernel.CONFIGS:
-        with kernel.force_config(cfg):
-            check_against_reference(args, str(cfg))
+    """Every channel block with every graph tile width (ROWS from 32 down to 1, 1 to 4 warps).
+    C = 40 is a whole number of blocks for none of them (a tail block each); 2 * (2 + 9)
+    output rows are a multiple of no ROWS above 2."""
+    for width in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        args = tp.make_case(2, 2, 12, 40, width, 3, layout="strided", seed=width)
+        for block_c in kernel.BLOCK_CS:
+            with kernel.force_block_c(block_c):
+                cfg = kernel.choose_config(40, width)
+                check_against_reference(args, str(cfg))
+            assert cfg.block_c == block_c and cfg.block_w == width
 
 
 def test_more_tokens_than_a_map_block():
@@ -190,25 +194,26 @@ def test_more_tokens_than_a_map_block():
     dup = keep.clone()
     dup[1, -1] = dup[1, 0]
     with pytest.raises(ValueError, match="gtp.propagate: keep has duplicate entries"):
-        triton(x, index, weight, dup, 0.3, m, sizes)
+        run_triton(x, index, weight, dup, 0.3, m, sizes)
     bad = index.clone()
     bad[1, n - 1, w - 1] = n
     with pytest.raises(ValueError, match=r"gtp.propagate: index entries must be in \[-1, n\)"):
-        triton(x, bad, weight, keep, 0.3, m, sizes)
+        run_triton(x, bad, weight, keep, 0.3, m, sizes)
 
 
 def test_config_choice():
     # the fewest padded channels: DeiT-S and DeiT-B rows split into whole blocks
-    assert kernel.choose_config(384).block_c == 128
-    assert kernel.choose_config(768).block_c == 256
-    assert kernel.choose_config(192).block_c == 64
-    assert kernel.choose_config(5).block_c == 32
+    config = kernel.Config
+    assert kernel.choose_config(384, 16) == config(rows=8, block_c=128, block_w=16, num_warps=4)
+    assert kernel.choose_config(768, 16) == config(rows=4, block_c=256, block_w=16, num_warps=4)
+    assert kernel.choose_config(192, 32) == config(rows=4, block_c=64, block_w=32, num_warps=1)
+    assert kernel.choose_config(5, 0) == config(rows=32, block_c=32, block_w=1, num_warps=4)
 
 
 def test_repeatable_bitwise():
     args = random_case("n65_unsorted_keep", torch.bfloat16)
-    first = triton(*args)
-    for again in (triton(*args), triton(*args)):
+    first = run_triton(*args)
+    for again in (run_triton(*args), run_triton(*args)):
         for a, e in zip(again, first, strict=True):
             assert torch.equal(a.view(torch.uint8), e.view(torch.uint8))
 
@@ -231,7 +236,7 @@ def test_nonfinite_values(dtype):
     weight[1, 3, 0] = INF
     weight[0, :, 1] = NAN
     weight[1, :, 2] = -0.0
-    got = triton(x, index, weight, keep, 0.25, 1, sizes)
+    got = run_triton(x, index, weight, keep, 0.25, 1, sizes)
     want = reference.propagate(x, index, weight, keep, 0.25, 1, sizes)
     for a, e, name in zip(got, want, ("x", "sizes", "index", "weight"), strict=True):
         tn.same(a, e, name)
@@ -277,6 +282,12 @@ def test_records_launches(channels, block_c):
     assert rec[1].constexprs["BLOCK_C"] == block_c and rec[1].constexprs["BLOCK_W"] == 16
     assert rec[1].grid == (-(-256 * 189 // rec[1].constexprs["ROWS"]),)
     assert out[0].shape == (256, 189, channels) and out[2].shape == (256, 188, 16)
+
+
+def test_too_wide_a_graph():
+    args = tp.make_case(1, 1, 4, 3, kernel.MAX_WIDTH + 1, 1)
+    with pytest.raises(ValueError, match="at most 256 slots a row"):
+        run_triton(*args)
 
 
 def test_too_many_rows():
