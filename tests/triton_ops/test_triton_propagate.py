@@ -105,6 +105,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gtp_triton.propagate.default, on_device(args))
 
 
+def test_torch_compile_fullgraph():
+    args = on_device(tp._sample("grid3x3_cls"))
+    fn = torch.compile(
+        lambda *a: ops.propagate(*a, backend="triton"), fullgraph=True, backend="aot_eager"
+    )
+    got = tuple(t.cpu() for t in fn(*args))
+    tp._compare(got, reference.propagate(*tp._sample("grid3x3_cls")), TOL[torch.float32], "c")
+
+
 def test_twice_equals_reference_composition():
     args = tp._sample("wide_c_vector_tail")
 
