@@ -23,6 +23,21 @@ def _compiled(*args):
     return torch.ops.gtp.propagate(*args)
 
 
+# The device `run` moves a backend's inputs to; tests/triton_ops sets "triton" to its DEVICE
+# ("cpu" under the Triton interpreter, "cuda" on a GPU) to reuse the tests below.
+DEVICES = {"reference": "cpu", "cpu": "cpu"}
+
+
+def run(backend, *args):
+    """ops.propagate(*args, backend=backend) with the CPU tensors among args on the backend's
+    device (DEVICES) and the outputs back on the CPU."""
+    device = DEVICES.get(backend, "cpu")
+    moved = [
+        a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args
+    ]
+    return tuple(t.cpu() for t in ops.propagate(*moved, backend=backend))
+
+
 def _hand_case(keep):
     """1 prefix + 4 image tokens on a 2x2 grid (every token sees the other three), C = 2,
     one padding slot per row."""
@@ -102,7 +117,7 @@ def test_reference_rejects_bad_keep():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hand_worked(backend):
     def fn(*args):
-        return ops.propagate(*args, backend=backend)
+        return run(backend, *args)
 
     _check_hand_ascending(fn)
     _check_hand_reordered(fn)
@@ -333,7 +348,7 @@ def test_backward_matches_reference(name, dtype):
 def test_no_propagation_is_identity(backend):
     x, index, weight, _, _, m, sizes = _sample("no_propagation")
     keep = torch.arange(index.shape[1]).expand(x.shape[0], -1)
-    out = ops.propagate(x, index, weight, keep, 0.7, m, sizes, backend=backend)
+    out = run(backend, x, index, weight, keep, 0.7, m, sizes)
     assert_close(out[0], x, name="x")
     assert_close(out[1], sizes, name="sizes")
     assert_close(out[2], index, name="index")
@@ -347,7 +362,7 @@ def test_alpha_zero_is_pruning(backend):
     x[:, m:][~torch.zeros(x.shape[0], x.shape[1] - m, dtype=torch.bool).scatter_(1, keep, True)] = (
         float("inf")  # propagated tokens: alpha = 0 must not even compute 0 * inf
     )
-    out = ops.propagate(x, index, weight, keep, 0.0, m, sizes, backend=backend)
+    out = run(backend, x, index, weight, keep, 0.0, m, sizes)
     rows = torch.cat([torch.arange(m).expand(x.shape[0], -1), keep + m], dim=1)
     want_x = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
     assert_close(out[0], want_x, name="x")
@@ -369,7 +384,7 @@ def _dense(index, weight, n):
 def test_graph_is_restriction(backend, name):
     x, index, weight, keep, alpha, m, sizes = _sample(name)
     n = index.shape[1]
-    _, _, idx_out, w_out = ops.propagate(x, index, weight, keep, alpha, m, sizes, backend=backend)
+    _, _, idx_out, w_out = run(backend, x, index, weight, keep, alpha, m, sizes)
     full = _dense(index, weight, n)
     rows = keep.unsqueeze(-1)
     want = full.gather(1, rows.expand(-1, -1, n)).gather(
@@ -401,7 +416,7 @@ def test_twice_equals_reference_composition():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sizes_stay_positive(backend):
     x, index, weight, keep, alpha, m, sizes = _sample("wide_c_vector_tail")
-    _, s_out, _, _ = ops.propagate(x, index, weight, keep, alpha, m, sizes, backend=backend)
+    _, s_out, _, _ = run(backend, x, index, weight, keep, alpha, m, sizes)
     assert bool((s_out > 0).all())
     # and never shrink: kept tokens only gain mass
     rows = torch.cat([torch.arange(m).expand(x.shape[0], -1), keep + m], dim=1)
@@ -462,4 +477,4 @@ def _bad_cases():
 def test_bad_inputs(backend, case):
     make, match = _bad_cases()[case]
     with pytest.raises(ValueError, match=f"gtp.propagate: {match}"):
-        ops.propagate(*make(), backend=backend)
+        run(backend, *make())

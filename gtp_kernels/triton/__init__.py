@@ -8,11 +8,11 @@ package and registers the ops. One module per op: its @triton.jit kernels, the l
 registration at the bottom.
 """
 
-from gtp_kernels.triton import attention, select_tokens
+from gtp_kernels.triton import attention, propagate, select_tokens
 from gtp_kernels.triton._common import DTYPES, INTERPRETER, NAMESPACE, SCHEMAS, device_error
 
 # The ops with a Triton kernel (registered as torch.ops.gtp_triton.<op> by the imports above).
-OPS = ("select_tokens", "attention")
+OPS = ("select_tokens", "propagate", "attention")
 
 __all__ = [
     "DTYPES",
@@ -22,7 +22,6 @@ __all__ = [
     "SCHEMAS",
     "device_error",
     "attention",
-    "build_graph",
     "propagate",
     "select_tokens",
 ]
