@@ -494,7 +494,7 @@ def _config(dtype: torch.dtype, d: int, dv: int, interpreter: bool = INTERPRETER
         # Every GPU configuration has zero spills on sm_80 and sm_90
         # (benchmarks/triton_resources.py --check, in CI).
         logits = LOOP_F32
-        block_m, block_n, warps = 32, 32, 4
+        block_m, block_n, warps = 32, 16, 4
     else:
         logits = MMA
         if widest <= 64:

@@ -39,7 +39,7 @@ CONFIGS = {
     "mma_d64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4),
     "mma_d128": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8),
     "mma_d256": dict(BLOCK_M=32, BLOCK_N=16, num_warps=8),
-    "f32_loop": dict(BLOCK_M=32, BLOCK_N=32, LOGITS=2),
+    "f32_loop": dict(BLOCK_M=32, BLOCK_N=16, LOGITS=2),
     "f32_dot": dict(BLOCK_M=32, BLOCK_N=32, LOGITS=1),
 }
 
