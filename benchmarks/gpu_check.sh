@@ -10,9 +10,10 @@
 # the next one runs; a step with no time left is recorded as skipped:
 #   1. nvidia-smi; build gtp_kernels._C with its CUDA kernels for this GPU's architecture
 #      (TORCH_CUDA_ARCH_LIST, default: the GPU's compute capability; GTP_BUILD_CUDA=1, so a
-#      build without CUDA kernels fails); python -m gtp_kernels.info
-#   2. the GPU tests: tests/test_cuda.py, tests/triton_ops (on CUDA tensors),
-#      tests/test_determinism.py, tests/test_export.py
+#      build without CUDA kernels fails), in the background while
+#   2. tests/triton_ops runs on CUDA tensors (no compiled extension needed); then
+#      python -m gtp_kernels.info and the CUDA tests: tests/test_cuda.py,
+#      tests/test_determinism.py, tests/test_export.py (pytest-xdist when installed)
 #   3. the device's measured ceilings (copy, float16 GEMM) and the microbenchmarks on CUDA:
 #      float16, DeiT-B shapes (H=12, d=64, C=768, N=197), batch 256, providers cuda / triton /
 #      reference and, for attention, PyTorch SDPA (FlashAttention)
@@ -212,15 +213,29 @@ export PY
 
 FP16_DEIT_B=(--device cuda --dtype float16 --batch 256)
 
-step nvidia-smi text 20 nvidia-smi
-if [ "${SETUP[0]}" = build ]; then
-  step build tail 240 bash -c build
-else
-  step setup tail 240 "${SETUP[@]}"
+# pytest-xdist, when installed, runs the GPU tests on several processes: most of their time is
+# compiling (Triton's JIT, torch.compile), which the GPU machine's cores share.
+XDIST=()
+if "$PY" -c 'import xdist' 2> /dev/null; then
+  XDIST=(-n "$(($(nproc) < 8 ? $(nproc) : 8))")
 fi
+
+step nvidia-smi text 20 nvidia-smi
+# The extension builds (nvcc) in the background while the Triton tests run: they need no
+# compiled extension, and GTP_LOAD_EXTENSION=0 keeps them from loading a half-written one.
+if [ "${SETUP[0]}" = build ]; then
+  step build tail 300 bash -c build &
+else
+  step setup tail 300 "${SETUP[@]}" &
+fi
+BUILD_PID=$!
+STEP=$((STEP + 1)) # the background step took this number
+step triton-tests tail 200 env GTP_LOAD_EXTENSION=0 "$PY" -m pytest tests/triton_ops -q -rfEs \
+  -p no:cacheprovider "${XDIST[@]}"
+wait "$BUILD_PID"
 step info text 30 "$PY" -m gtp_kernels.info
-step gpu-tests tail 150 "$PY" -m pytest tests/test_cuda.py tests/triton_ops \
-  tests/test_determinism.py tests/test_export.py -q -rfEs -p no:cacheprovider
+step cuda-tests tail 150 "$PY" -m pytest tests/test_cuda.py tests/test_determinism.py \
+  tests/test_export.py -q -rfEs -p no:cacheprovider "${XDIST[@]}"
 step ceilings tables 30 "$PY" benchmarks/ceiling.py --device cuda --dtype float16 --rounds 5
 step bench-attention tables 60 "$PY" benchmarks/bench_attention.py "${FP16_DEIT_B[@]}" \
   --heads 12 --dim 64 --tokens 197 --rounds 5

@@ -1,4 +1,5 @@
-"""Loads the compiled extension gtp_kernels._C (which registers torch.ops.gtp.*) if it was built.
+"""Loads the compiled extension gtp_kernels._C (which registers torch.ops.gtp.*) if it was built
+(GTP_LOAD_EXTENSION=0 skips it).
 
 A missing or broken build is not an error at import: the reference backend still works, and
 `backend="cpu"` raises a message that says how to build the extension.
@@ -6,14 +7,22 @@ A missing or broken build is not an error at import: the reference backend still
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _ERROR: str | None = None
-try:
-    from gtp_kernels import _C  # noqa: F401  (registers the ops)
-except ImportError as exc:  # not built, or built against another torch
+if os.environ.get("GTP_LOAD_EXTENSION", "1") == "0":
+    # Asked not to (e.g. benchmarks/gpu_check.sh runs the Triton tests while the extension is
+    # being built): everything but the compiled kernels works.
     _C = None
-    _ERROR = str(exc)
+    _ERROR = "not loaded: GTP_LOAD_EXTENSION=0"
+else:
+    try:
+        from gtp_kernels import _C  # noqa: F401  (registers the ops)
+    except ImportError as exc:  # not built, or built against another torch
+        _C = None
+        _ERROR = str(exc)
 
 BUILD_HINT = (
     "the compiled extension gtp_kernels._C is not available ({err}). Build it with "

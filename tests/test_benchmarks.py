@@ -245,7 +245,7 @@ esac""",
     return repo, env
 
 
-STEPS = ["nvidia-smi", "build", "info", "gpu-tests", "ceilings", "bench-attention",
+STEPS = ["nvidia-smi", "build", "triton-tests", "info", "cuda-tests", "ceilings", "bench-attention",
          "bench-propagate", "bench-build-graph", "timm-deit_small", "timm-deit_base", "memcheck",
          "racecheck"]  # fmt: skip
 
