@@ -83,16 +83,33 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def specialized_source(launch: Launch, arch: int):
+    """The ASTSource that launching `launch` compiles for sm_<arch>: the JIT's own binder
+    specializes the arguments as a launch does (pointers 16-byte aligned, integers divisible by
+    16 or equal to 1, unless the kernel says do_not_specialize), so that the compiler can prove
+    the same alignments and pick the same layouts and vector widths as at run time. Works on
+    meta tensors (their data pointer is 0: aligned)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    _, sig, const, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
+
+
 def compile_launch(launch: Launch, arch: int) -> dict:
-    """Compile one launch for sm_<arch>: {REG, STACK, SHARED, LOCAL, warps, spills}."""
+    """Compile one launch for sm_<arch>, specialized as the launch would be (specialized_source):
+    {REG, STACK, SHARED, LOCAL, warps}."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    sig, const = signature(launch)
-    src = ASTSource(fn=launch.kernel, signature=sig, constexprs=const)
     compiled = triton.compile(
-        src,
+        specialized_source(launch, arch),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
     )
