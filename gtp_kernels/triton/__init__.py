@@ -8,11 +8,11 @@ package and registers the ops. One module per op: its @triton.jit kernels, the l
 registration at the bottom.
 """
 
-from gtp_kernels.triton import select_tokens
+from gtp_kernels.triton import build_graph, select_tokens
 from gtp_kernels.triton._common import DTYPES, INTERPRETER, NAMESPACE, SCHEMAS, device_error
 
 # The ops with a Triton kernel (registered as torch.ops.gtp_triton.<op> by the imports above).
-OPS = ("select_tokens",)
+OPS = ("build_graph", "select_tokens")
 
 __all__ = [
     "DTYPES",
