@@ -39,11 +39,12 @@ write and one read of B n ld float32 (DeiT-B at batch 256: 42 MB each way), agai
 halved by symmetry.
 
 Selection. A row's keys (gtp_kernels.triton._common.order_key: -inf < finite < +inf < NaN, so
-a token holding NaN or Inf, whose similarities are NaN, ranks as the most similar) are searched
-bit by bit from the top for the K-th largest, t: 32 steps of a compare and a row count over
-keys held in registers. Every key above t is taken, then the keys equal to t at the lowest
-columns (a prefix count), so ties go to the lower index. The row's own column and the padding
-never count. Exact, no atomics, deterministic.
+a token holding NaN or Inf, whose similarities are NaN, ranks as the most similar) are held in
+registers and searched for the K-th largest, t: for K <= 16 by removing the row maximum K
+times, else bit by bit from the top (32 steps of a compare and a row count). Every key above t
+is taken, then the keys equal to t at the lowest columns (a prefix count), so ties go to the
+lower index. The row's own column and the padding never count. Exact, no atomics,
+deterministic.
 
 Limits. n <= MAX_SEMANTIC_TOKENS = 1024 (a 32 x 32 grid: ViT at 512 px with 16-pixel patches)
 for a semantic or mixed graph with K > 0, since a row of S lives in registers; larger grids
@@ -77,6 +78,7 @@ _OP = "build_graph"
 MAX_SEMANTIC_TOKENS = 1024
 TILE = 64  # similarities per program: a TILE x TILE tile of S
 _INT32_MIN = tl.constexpr(-2147483648)
+_EXTRACT_MAX_K = tl.constexpr(16)  # the select kernel's K-th key: extraction up to here
 _INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
 
@@ -213,6 +215,34 @@ def _count(mask):
     return tl.sum(tl.where(mask, 1.0, 0.0), axis=1).to(tl.int32)
 
 
+@triton.jit
+def _kth_key_by_bisection(key, k):
+    """[R, BLOCK_N] keys -> [R]: the K-th largest of each row, bit by bit from the top (the sign
+    bit first: the keys are signed), 32 steps of a compare and a row count."""
+    t = tl.where(_count(key >= 0) >= k, 0, _INT32_MIN)
+    for step in range(31):
+        trial = t | (1 << (30 - step))
+        t = tl.where(_count(key >= trial[:, None]) >= k, trial, t)
+    return t
+
+
+@triton.jit
+def _kth_key_by_extraction(key, k):
+    """[R, BLOCK_N] keys -> [R]: the K-th largest of each row by removing the row's maximum,
+    with all its copies, until K keys are gone: K steps of a row max and a row count. In the
+    sm_90 code of a 16 x 256 block a step is 312 instructions and a bisection step 227, so this
+    is the cheaper search up to K = 23 (8 steps for the default K = 8, instead of 32)."""
+    t = tl.max(key, axis=1)
+    left = tl.zeros_like(t) + k
+    for _ in range(k):
+        top = tl.max(key, axis=1)
+        copies = key == top[:, None]
+        t = tl.where(left > 0, top, t)
+        left -= _count(copies)
+        key = tl.where(copies, _INT32_MIN, key)
+    return t
+
+
 # Shape integers are not specialized (on 1 and multiples of 16, Triton's default): nothing gains
 # from it and each value would compile anew. ld is: a multiple of 16, which lets the compiler
 # vectorise the row loads (and lay the tile out as 4 columns a thread).
@@ -246,15 +276,12 @@ def _select_kernel(
     s = tl.load(row_ptr[:, None] + cols[None, :], mask=cand, other=0.0)
     key = tl.where(cand, order_key(s), _INT32_MIN)
 
-    # The K-th largest key t of every row, bit by bit from the top: t is the largest value
-    # with at least K keys >= t. The sign bit first (signed keys), then bits 30..0. (A row past
-    # n has no candidate: its t stays INT32_MIN and nothing of it is taken or stored.)
-    at_least = _count(key >= 0)
-    t = tl.where(at_least >= num_neighbours, 0, _INT32_MIN)
-    for step in range(31):
-        trial = t | (1 << (30 - step))
-        at_least = _count(key >= trial[:, None])
-        t = tl.where(at_least >= num_neighbours, trial, t)
+    # t: each row's K-th largest key, counting copies (the largest value with at least K keys
+    # >= t). (A row past n has no candidate: its t is INT32_MIN and nothing of it is taken.)
+    if num_neighbours <= _EXTRACT_MAX_K:
+        t = _kth_key_by_extraction(key, num_neighbours)
+    else:
+        t = _kth_key_by_bisection(key, num_neighbours)
 
     # Every key above t, then the keys equal to t at the lowest columns: ties to the lower index.
     # (A candidate is a key above INT32_MIN: no mask tile stays live through the search.)
@@ -272,7 +299,8 @@ def _select_kernel(
     slot = tl.cumsum(take.to(tl.int32), axis=1) - 1
     deg = _count(take)
     out = index_ptr + (b * n + rows.to(tl.int64)) * slots
-    tl.store(out[:, None] + slot, cols[None, :], mask=take)
+    # (slot < slots always holds; the bound keeps the store inside the row by construction)
+    tl.store(out[:, None] + slot, cols[None, :], mask=take & (slot < slots))
     # -1 padding: a mixed row has at least K neighbours, so at most 8 slots stay empty.
     pad = deg[:, None] + tl.arange(0, 8)[None, :]
     tl.store(out[:, None] + pad, -1, mask=row_ok[:, None] & (pad < slots))
@@ -353,7 +381,7 @@ _SELECT_CONFIGS = {
     64: SelectConfig(block_r=32, block_n=64, num_warps=2),
     128: SelectConfig(block_r=32, block_n=128, num_warps=4),
     256: SelectConfig(block_r=16, block_n=256, num_warps=4),
-    512: SelectConfig(block_r=16, block_n=512, num_warps=8),
+    512: SelectConfig(block_r=8, block_n=512, num_warps=4),
     1024: SelectConfig(block_r=8, block_n=1024, num_warps=8),
 }
 SELECT_CONFIGS = tuple(_SELECT_CONFIGS.values())

@@ -258,15 +258,16 @@ def test_empty_batch():
 def test_every_select_config():
     """Every configuration the launcher can pick gives the same bits on one problem (the
     similarities do not depend on it and the selection is exact), a graph the reference
-    accepts; and the launcher picks from that list."""
+    accepts, with either search for the K-th key (extraction up to K = 16, bisection above);
+    and the launcher picks from that list."""
     x = to_device(torch.randn(2, 32, 9).transpose(1, 2).contiguous().transpose(1, 2))
-    for graph in ("semantic", "mixed"):
-        want = triton_graph(x, 4, 8, 5, graph)
-        check(x, 4, 8, 5, graph)
+    for graph, k in (("mixed", 5), ("semantic", 16), ("semantic", 17)):
+        want = triton_graph(x, 4, 8, k, graph)
+        check(x, 4, 8, k, graph)
         for config in tbg.SELECT_CONFIGS:
             with tbg.forced_select_config(config):
-                got = triton_graph(x, 4, 8, 5, graph)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), config
+                got = triton_graph(x, 4, 8, k, graph)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (config, k)
     for n in (2, 33, 64, 65, 196, 257, 576, 1024):
         assert tbg.select_config(n) in tbg.SELECT_CONFIGS and tbg.select_config(n).block_n >= n
     with tbg.forced_select_config(tbg.SELECT_CONFIGS[0]), pytest.raises(ValueError, match="fewer"):
