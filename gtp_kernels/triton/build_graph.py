@@ -11,7 +11,7 @@ last; the spatial graph and K = 0 run _spatial_rows_kernel and _weights_kernel):
                       tiles on and above the diagonal: a tile (i, j) is also stored transposed
                       as (j, i). Half the arithmetic of the full product.
   _select_kernel      BLOCK_R rows of S per program: each row's K-th most similar key by an
-                      exact bitwise search, ties to the lower index, the union with the grid
+                      exact search, ties to the lower index, the union with the grid
                       neighbours for a mixed graph, written in ascending order by a prefix sum,
                       -1 padded; the row's out-degree into a (B, n) scratch.
   _spatial_rows_kernel  the 8-neighbourhood from the grid alone, and degrees.
@@ -81,6 +81,9 @@ _INT32_MIN = tl.constexpr(-2147483648)
 _EXTRACT_MAX_K = tl.constexpr(16)  # the select kernel's K-th key: extraction up to here
 _INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
+
+# The kernels do not specialize their shape integers (Triton's default specializes integers on
+# 1 and on multiples of 16): nothing gains from it, and each value would compile anew.
 
 
 # ---------------------------------------------------------------------------------- normalise
@@ -243,9 +246,8 @@ def _kth_key_by_extraction(key, k):
     return t
 
 
-# Shape integers are not specialized (on 1 and multiples of 16, Triton's default): nothing gains
-# from it and each value would compile anew. ld is: a multiple of 16, which lets the compiler
-# vectorise the row loads (and lay the tile out as 4 columns a thread).
+# ld stays specialized: it is a multiple of 16, which lets the compiler vectorise the row loads
+# (and lay the tile out as 4 columns a thread, warps on rows).
 @triton.jit(do_not_specialize=["n", "height", "width", "num_neighbours", "slots"])
 def _select_kernel(
     sim_ptr,
