@@ -22,9 +22,13 @@ BACKENDS = ["reference", pytest.param("cpu", marks=needs_kernel)]
 
 
 def run(backend, tokens, height, width, k, graph):
+    """The op on `backend`: the reference, the compiled kernel (torch.ops.gtp, "cpu"), or any
+    other backend through the public wrapper (tests/triton_ops reuse these tests)."""
     if backend == "reference":
         return ref_build_graph(tokens, height, width, k, graph)
-    return torch.ops.gtp.build_graph(tokens, height, width, k, graph)
+    if backend == "cpu":
+        return torch.ops.gtp.build_graph(tokens, height, width, k, graph)
+    return gtp_kernels.ops.build_graph(tokens, height, width, k, graph, backend=backend)
 
 
 def rows(index):

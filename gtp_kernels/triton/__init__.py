@@ -8,11 +8,11 @@ package and registers the ops. One module per op: its @triton.jit kernels, the l
 registration at the bottom.
 """
 
-from gtp_kernels.triton import attention, propagate, select_tokens
+from gtp_kernels.triton import attention, build_graph, propagate, select_tokens
 from gtp_kernels.triton._common import DTYPES, INTERPRETER, NAMESPACE, SCHEMAS, device_error
 
 # The ops with a Triton kernel (registered as torch.ops.gtp_triton.<op> by the imports above).
-OPS = ("select_tokens", "propagate", "attention")
+OPS = ("build_graph", "select_tokens", "propagate", "attention")
 
 __all__ = [
     "DTYPES",
@@ -22,6 +22,7 @@ __all__ = [
     "SCHEMAS",
     "device_error",
     "attention",
+    "build_graph",
     "propagate",
     "select_tokens",
 ]
