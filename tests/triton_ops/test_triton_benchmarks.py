@@ -113,8 +113,9 @@ def test_bench_timm():
         pytest.skip(f"a model patched with backend triton needs every op; no Triton {missing}")
     out = _run(
         "bench_timm.py",
-        "--model", "deit_tiny_patch16_224", "--img-size", "32", "--depth", "2", "--batch", "2",
-        "--num-prop", "2", "--sparsity", "0.6", "--backends", "reference", "triton",
+        "--model", "deit_tiny_patch16_224", "--img-size", "64", "--depth", "2", "--batch", "2",
+        "--num-prop", "2", "--neighbours", "2", "--sparsity", "0.6",
+        "--backends", "reference", "triton",
         "--rounds", "1", "--warmup", "0", "--no-malloc-env",
     )  # fmt: skip
     rows = _rows(out)
