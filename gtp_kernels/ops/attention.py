@@ -28,6 +28,7 @@ from gtp_kernels.reference.attention import (
     attention_probs,
     check_attention_args,
     importance_score,
+    kth_smallest,
     num_masked,
 )
 
@@ -68,7 +69,7 @@ def _probs_and_mask(q, k, log_sizes, scale, sparsity):
     if kk == 0 or probs.numel() == 0:
         return probs, probs
     flat = probs.reshape(b, h, n * n)
-    tau = flat.kthvalue(kk, dim=-1, keepdim=True).values
+    tau = kth_smallest(flat, kk)
     return probs, torch.where(flat < tau, 0.0, flat).reshape(probs.shape)
 
 

@@ -12,7 +12,7 @@ Non-finite values (the project's one rule, the same on every backend): q, k, v a
 are not checked (a check would need a device sync); NaN / Inf propagate by IEEE arithmetic and
 every decision made from them is deterministic:
 - a row whose logits hold NaN or +inf, or are all -inf, is NaN in the whole row (torch.softmax);
-- tau is the kk-th smallest probability under -inf < finite < +inf < NaN (torch.kthvalue), so
+- tau is the kk-th smallest probability under -inf < finite < +inf < NaN (kth_smallest), so
   tau is NaN only when fewer than kk entries of the map are non-NaN;
 - an entry is zeroed iff `A < tau` (IEEE): NaN entries are never zeroed, a NaN tau zeroes
   nothing;
@@ -104,6 +104,15 @@ def num_masked(num_tokens: int, sparsity: float) -> int:
     return int(num_tokens * num_tokens * (1.0 - float(sparsity)))
 
 
+def kth_smallest(flat: torch.Tensor, kk: int) -> torch.Tensor:
+    """The kk-th smallest entry (1-based) along the last dim, keepdim, under
+    -inf < finite < +inf < NaN. NaNs are made one canonical (positive) NaN first: torch.kthvalue
+    on CUDA ranks a NaN with the sign bit set below every number (it compares bit patterns),
+    on the CPU above them; the rule is the CPU's on every device."""
+    flat = torch.where(flat.isnan(), float("nan"), flat)
+    return flat.kthvalue(kk, dim=-1, keepdim=True).values
+
+
 def attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,7 +138,7 @@ def attention_probs(
     kk = num_masked(n_tok, sparsity)
     if kk > 0 and attn.numel() > 0:
         flat = attn.reshape(b, h, n_tok * n_tok)
-        tau = flat.kthvalue(kk, dim=-1, keepdim=True).values  # (B, H, 1)
+        tau = kth_smallest(flat, kk)  # (B, H, 1)
         attn = torch.where(flat < tau, torch.zeros_like(flat), flat).reshape(attn.shape)
     return attn
 

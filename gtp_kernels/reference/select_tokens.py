@@ -33,6 +33,9 @@ def select_tokens(score: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, tor
     """
     check_select_tokens_args(score, num_prop)
     b, n = score.shape
+    # One canonical NaN: torch.sort on CUDA ranks a NaN with the sign bit set below every number
+    # (on the CPU above them, the rule's order); the order is then the same on every device.
+    score = torch.where(score.isnan(), float("nan"), score)
     # Stable ascending sort of the reversed row: equal scores come out highest position first,
     # so the P first entries are the P lowest scores with ties going to the higher position.
     # torch.sort puts NaN after +inf and keeps NaNs in their (stable) order: the rule above.

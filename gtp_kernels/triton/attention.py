@@ -145,14 +145,6 @@ def _logits(
 
 
 @triton.jit
-def _row_base(ptr, b, stride_b, PRESENT: tl.constexpr):
-    """ptr + b * stride_b for an optional tensor (None stays None)."""
-    if PRESENT:
-        return ptr + b * stride_b
-    return ptr
-
-
-@triton.jit
 def _probs(s, m, row_sum):
     """p = exp(s - m) / l with m, l the row statistics of _attention_stats_kernel."""
     return tl.exp(s - m[:, None]) / row_sum[:, None]
@@ -205,7 +197,7 @@ def _attention_stats_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh
     q = _load_q(q_base, offs_m, offs_d, n_tok, d, stride_qn, stride_qd)
     k_base = k_ptr + b * stride_kb + h * stride_kh
-    ls_base = _row_base(ls_ptr, b, stride_lb, HAS_LS)
+    ls_base = ls_ptr + b * stride_lb  # a stand-in tensor, never read, without log sizes
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, n_tok, BLOCK_N):
@@ -262,7 +254,7 @@ def _attention_threshold_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + h * stride_kh
-    ls_base = _row_base(ls_ptr, b, stride_lb, HAS_LS)
+    ls_base = ls_ptr + b * stride_lb  # a stand-in tensor, never read, without log sizes
     prefix = 0  # the digits of tau's key found so far
     rank = kk  # tau's rank among the keys that match them
     # A loop, not unrolled: one copy of the tile code keeps the kernel small for ptxas. At the
@@ -364,7 +356,7 @@ def _attention_out_kernel(
     q = _load_q(q_base, offs_m, offs_d, n_tok, d, stride_qn, stride_qd)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    ls_base = _row_base(ls_ptr, b, stride_lb, HAS_LS)
+    ls_base = ls_ptr + b * stride_lb  # a stand-in tensor, never read, without log sizes
     m = tl.load(m_ptr + bh * n_tok + offs_m, mask=row_ok, other=0.0)
     row_sum = tl.load(l_ptr + bh * n_tok + offs_m, mask=row_ok, other=1.0)
     if HAS_MASK:
@@ -595,6 +587,9 @@ def launch_attention(
 
     has_ls = log_sizes is not None
     ls_strides = (log_sizes.stride(0), log_sizes.stride(1)) if has_ls else (0, 0)
+    # Without log sizes the kernels get a stand-in pointer (never read: HAS_LS is False), not
+    # None: triton 3.6 cannot pass None on to a @triton.jit helper.
+    ls_arg = log_sizes if has_ls else stats
     q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
     tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
     common = dict(HAS_LS=has_ls, LOGITS=cfg["LOGITS"], num_warps=cfg["num_warps"], **tiles)
@@ -602,18 +597,18 @@ def launch_attention(
 
     launch(
         _attention_stats_kernel, grid_rows,
-        q, k, log_sizes, stats[0], stats[1], n_tok, d, heads, *q_strides, *k_strides,
+        q, k, ls_arg, stats[0], stats[1], n_tok, d, heads, *q_strides, *k_strides,
         *ls_strides, float(scale), **common,
     )  # fmt: skip
     if kk > 0:
         launch(
             _attention_threshold_kernel, (b * heads,),
-            q, k, log_sizes, stats[0], stats[1], tau, n_tok, d, heads, kk, *q_strides,
+            q, k, ls_arg, stats[0], stats[1], tau, n_tok, d, heads, kk, *q_strides,
             *k_strides, *ls_strides, float(scale), **common,
         )  # fmt: skip
     launch(
         _attention_out_kernel, grid_rows,
-        q, k, v, log_sizes, stats[0], stats[1], tau, out, diag, cls_row, col, n_tok, d, dv,
+        q, k, v, ls_arg, stats[0], stats[1], tau, out, diag, cls_row, col, n_tok, d, dv,
         heads, num_qblocks, *q_strides, *k_strides, *v_strides, *ls_strides, *out.stride(),
         float(scale), HAS_MASK=kk > 0, SPLIT_PV=cfg["LOGITS"] == MMA,
         PV_SCALE=FP16_SCALE if q.dtype == torch.float16 else 1.0, NEED_DIAG=need_diag,

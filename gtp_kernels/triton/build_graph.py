@@ -80,7 +80,6 @@ TILE = 64  # similarities per program: a TILE x TILE tile of S
 _INT32_MIN = tl.constexpr(-2147483648)
 _EXTRACT_MAX_K = tl.constexpr(16)  # the select kernel's K-th key: extraction up to here
 _INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
 
 # The kernels do not specialize their shape integers (Triton's default specializes integers on
 # 1 and on multiples of 16): nothing gains from it, and each value would compile anew.
@@ -165,7 +164,8 @@ def _normalise_kernel(
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         u = v * s1[:, None] * s2[:, None]
         e = tl.math.div_rn(u, tl.broadcast_to(denom[:, None], u.shape))
-        e = tl.where(bad[:, None] != 0, _NAN, e)
+        e = tl.where(bad[:, None] != 0, float("nan"), e)  # (no NaN global: triton's JIT
+        # compares globals by ==, and NaN != NaN reads as 'changed since compiled')
         tl.store(et_img + ch.to(tl.int64)[None, :] * n + toks[:, None], e, mask=mask)
 
 

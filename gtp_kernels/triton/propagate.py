@@ -271,7 +271,9 @@ def choose_config(channels: int, width: int) -> Config:
     """BLOCK_C: the fewest padded channels (ceil(C / BLOCK_C) BLOCK_C), on a tie the wider
     block (each row's channels in fewer pieces); ROWS: as many as both tiles allow; warps: as
     many as keep 8 x elements a thread."""
-    block_w = next_pow2(width)
+    # At least 8 slots: triton 3.6 fails to compile the slot scans (tl.cumsum along a row) of
+    # 1-, 2- and 4-slot tiles in some specializations (an assertion in ScanOpToLLVM).
+    block_w = next_pow2(width, 8)
     block_c = _forced_block_c or min(BLOCK_CS, key=lambda bc: (triton.cdiv(channels, bc) * bc, -bc))
     rows = max(1, min(X_TILE // block_c, GRAPH_TILE // block_w))
     warps = max(1, rows * block_c // (32 * X_PER_THREAD))

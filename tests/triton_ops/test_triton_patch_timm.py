@@ -32,7 +32,11 @@ def test_deit_tiny_224_equals_reference(sparsity):
         for backend in ("reference", "triton"):
             model.gtp.backend = backend
             out[backend] = (model(x), model.gtp.last_sources)
-    assert torch.equal(out["triton"][1], out["reference"][1]), "different tokens kept"
+    # last_sources[b, t, p]: how much of patch p token t holds; the same nonzero pattern is the
+    # same tokens kept and absorbed (the weights themselves round differently on a GPU's FMA)
+    src_t, src_r = out["triton"][1], out["reference"][1]
+    assert torch.equal(src_t != 0, src_r != 0), "different tokens kept"
+    assert_close(src_t, src_r, atol=1e-5, rtol=1e-5, name="sources")
     assert_close(out["triton"][0], out["reference"][0], atol=1e-4, rtol=1e-4, name="logits")
 
 
