@@ -8,8 +8,8 @@ Four kernels, every one over (BLOCK_M query rows) x (BLOCK_N keys) tiles of one 
    the row sum l of exp(s - m) over all keys, online (s = scale * q.k + log_sizes[key]).
 2. `_attention_threshold_kernel`, a program per (image, head), only when kk > 0: the exact
    kk-th smallest of the tile's N^2 float32 probabilities p = exp(s - m) / l, by a radix select
-   over their bits: p is in [0, 1], so its float32 pattern has the top two bits clear and three
-   passes of 10-bit digits (a 1024-bin tl.histogram per pass, exact integer counts, restricted
+   over their bits: p is in [0, 1], so its float32 pattern has the top two bits clear and five
+   passes of 6-bit digits (a 64-bin tl.histogram per pass, exact integer counts, restricted
    to the entries matching the digits found so far) find the key of the kk-th smallest. NaN
    probabilities get the largest key (-inf < finite < +inf < NaN, as torch.kthvalue orders
    them); tau is NaN only if the kk-th smallest is NaN.
@@ -64,8 +64,15 @@ from gtp_kernels.triton._common import (
 _OP = "attention"
 MAX_HEAD_DIM = 256
 NAN_KEY = tl.constexpr(0x3FFFFFFF)  # above every probability's bits (1.0 is 0x3F800000)
-RADIX_BITS = tl.constexpr(10)  # three digits cover the 30 bits of a probability's key
-NUM_BINS = tl.constexpr(1024)
+# The threshold's digits: RADIX_LEVELS digits of RADIX_BITS cover the 30 bits of a probability's
+# key. Few bins, more passes: Triton's histogram costs about (log2(bins) ballots + bins / 32
+# popcounts) per element and thread, so 1024 bins (32 a lane) made each pass ~10x the cost of
+# recomputing the tile's probabilities (measured on an H200: the threshold kernel took 6.8 ms
+# for DeiT-B batch 256 fp16 with three 10-bit passes, the whole theta = 1 op 0.55 ms); 64 bins
+# (two a lane) cost a few operations an element.
+RADIX_BITS = tl.constexpr(6)
+NUM_BINS = tl.constexpr(64)
+RADIX_LEVELS = tl.constexpr(5)
 # How the logits are computed (_logits, and A @ v in _attention_out_kernel): the LOGITS value of
 # a configuration (ints for the launcher, the same values as constexprs for the kernels).
 MMA, DOT_F32, LOOP_F32 = 0, 1, 2
@@ -259,8 +266,8 @@ def _attention_threshold_kernel(
     rank = kk  # tau's rank among the keys that match them
     # A loop, not unrolled: one copy of the tile code keeps the kernel small for ptxas. At the
     # first level every key matches (keys < 2^30, prefix 0).
-    for level in range(0, 3):
-        shift = (2 - level) * RADIX_BITS
+    for level in range(0, RADIX_LEVELS):
+        shift = (RADIX_LEVELS - 1 - level) * RADIX_BITS
         hist = tl.zeros([NUM_BINS], tl.int32)
         for qstart in range(0, n_tok, BLOCK_M):
             offs_m = qstart + tl.arange(0, BLOCK_M)
