@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from test_benchmarks import _rows
 from triton_device import DEVICE
 
 from gtp_kernels.benchmark.timing import MALLOC_ENV
@@ -38,16 +39,6 @@ def _run(script: str, *args: str) -> str:
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
-
-
-def _rows(text: str) -> dict[str, list[str]]:
-    """Every markdown table row of a report: {first cell: cells}."""
-    rows = {}
-    for line in text.splitlines():
-        if line.startswith("|") and not line.startswith("|---"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells
-    return rows
 
 
 def _timed(rows: dict, name: str) -> None:
