@@ -262,14 +262,7 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[197, 189])
     p.add_argument("--theta", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument(
-        "--providers",
-        nargs="+",
-        default=list(devices.PROVIDERS),
-        choices=devices.PROVIDERS,
-        help="backends to time besides sdpa (default: every one that runs here; the "
-        "reference always runs, it is what the others are checked against)",
-    )
+    devices.add_providers_argument(p, " besides sdpa")
     p.add_argument("--ceiling", action="store_true", help="measure the device's ceilings")
     args = p.parse_args()
     alloc = ensure_malloc_env()

@@ -81,13 +81,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--no-model", action="store_true", help="skip the timm forward")
-    p.add_argument(
-        "--providers",
-        nargs="+",
-        default=list(devices.PROVIDERS),
-        choices=devices.PROVIDERS,
-        help="backends to time (default: every one that runs here; the reference always runs)",
-    )
+    devices.add_providers_argument(p)
     p.add_argument("--ceiling", action="store_true", help="measure copy/GEMM ceilings too")
     args = p.parse_args()
     alloc = timing.ensure_malloc_env()

@@ -91,13 +91,7 @@ def main() -> None:
     p.add_argument("--no-sizes", action="store_true")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument(
-        "--providers",
-        nargs="+",
-        default=list(devices.PROVIDERS),
-        choices=devices.PROVIDERS,
-        help="backends to time (default: every one that runs here; the reference always runs)",
-    )
+    devices.add_providers_argument(p)
     p.add_argument("--ceiling", action="store_true", help="measure the copy bandwidth too")
     args = p.parse_args()
     alloc = timing.ensure_malloc_env()

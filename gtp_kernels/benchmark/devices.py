@@ -22,6 +22,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 PROVIDERS = ("reference", "cpu", "cuda", "triton")
 
 
+def add_providers_argument(parser, extra: str = "") -> None:
+    """--providers: which backends a microbenchmark times (the reference always runs: it is
+    what the others are checked against)."""
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=list(PROVIDERS),
+        choices=PROVIDERS,
+        help=f"backends to time{extra} (default: every one that runs here; the reference "
+        "always runs, it is what the others are checked against)",
+    )
+
+
 def providers(op: str, device: torch.device, wanted=PROVIDERS) -> tuple[list[str], dict]:
     """(the backends that run `op` on `device` tensors here: "reference" always (the others are
     checked against it), then those of `wanted` that run; {backend: why not} for the others of

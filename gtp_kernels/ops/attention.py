@@ -36,6 +36,7 @@ __all__ = [
     "SCORES",
     "attention",
     "attention_fake",
+    "out_like",
     "backward",
     "register_autograd",
     "setup_context",
@@ -44,7 +45,7 @@ __all__ = [
 _OP = "attention"
 
 
-def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, H, N, dv) with (B, N, H, dv) memory, as the kernel returns it."""
     b, h, n, _ = q.shape
     return q.new_empty((b, n, h, v.shape[-1])).permute(0, 2, 1, 3)
@@ -126,7 +127,7 @@ def attention_fake(q, k, v, log_sizes, scale, sparsity, num_prefix, score):
     """Fake (meta) kernel of every op with gtp::attention's schema."""
     check_attention_args(q, k, v, log_sizes, scale, sparsity, num_prefix, score)
     cols = 0 if score == "none" else q.shape[2] - num_prefix
-    return _out_like(q, v), q.new_empty((q.shape[0], cols), dtype=torch.float32)
+    return out_like(q, v), q.new_empty((q.shape[0], cols), dtype=torch.float32)
 
 
 if extension_available():

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gtp_kernels.ops.attention import attention_fake, register_autograd
+from gtp_kernels.ops.attention import attention_fake, out_like, register_autograd
 from gtp_kernels.reference.attention import check_attention_args, num_masked
 from gtp_kernels.triton._common import (
     INTERPRETER,
@@ -512,12 +512,6 @@ def _config(dtype: torch.dtype, d: int, dv: int, interpreter: bool = INTERPRETER
     }
 
 
-def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, dv) with (B, N, H, dv) memory, as the compiled kernels return it."""
-    b, h, n, _ = q.shape
-    return q.new_empty((b, n, h, v.shape[-1])).permute(0, 2, 1, 3)
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -570,7 +564,7 @@ def launch_attention(
                 f"gtp.{_OP}: the Triton backend takes head dims up to {MAX_HEAD_DIM}, got "
                 f"{name}.shape[-1] = {dim} (backend='cpu', 'cuda' or 'reference' take any)"
             )
-    out = _out_like(q, v)
+    out = out_like(q, v)
     cols = 0 if score == "none" else n_tok - num_prefix
     result = torch.empty((b, cols), dtype=torch.float32, device=q.device)
     if b == 0 or n_tok == 0:
