@@ -16,9 +16,6 @@ from gtp_kernels import ops, reference
 from gtp_kernels.triton import propagate as kernel
 from gtp_kernels.triton._common import recording
 
-if DEVICE is not None:
-    tp.DEVICES["triton"] = DEVICE
-
 NAN, INF = float("nan"), float("inf")
 LOW = [torch.float16, torch.bfloat16]
 
